@@ -1,0 +1,1 @@
+"""Result backends: keep each task's state and result by task id. See `base.ResultBackend`."""

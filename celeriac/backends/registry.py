@@ -1,0 +1,86 @@
+"""Result backends by URL scheme: the one place the app turns a `result_backend` URL into a backend.
+
+Implementations are imported only when their scheme is asked for, so a backend's
+client library (redis, psycopg) is needed only by those who use it. To add a backend,
+write a loader below and add an entry to `_LOADERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from celeriac.backends.base import DEFAULT_EXPIRES, ResultBackend
+from celeriac.exceptions import ImproperlyConfigured
+from celeriac.protocol import serializers
+
+DISABLED = frozenset({"", "disabled"})
+
+
+def _memory() -> type[ResultBackend]:
+    from celeriac.backends.memory import MemoryBackend
+
+    return MemoryBackend
+
+
+def _sqlite() -> type[ResultBackend]:
+    from celeriac.backends.sqlite import SQLiteBackend
+
+    return SQLiteBackend
+
+
+# Every scheme a backend answers to, with Celery's aliases (cache+memory, db+sqlite).
+_LOADERS: dict[tuple[str, ...], Callable[[], type[ResultBackend]]] = {
+    ("memory", "cache+memory"): _memory,
+    ("sqlite", "db+sqlite"): _sqlite,
+}
+
+
+def supported_schemes() -> list[str]:
+    """Return every URL scheme `create_backend` understands, sorted."""
+    return sorted(scheme for schemes in _LOADERS for scheme in schemes)
+
+
+def url_scheme(url: str) -> str:
+    """Return the lower-cased scheme of `url`; a bare name (``"memory"``) is its own scheme."""
+    scheme, separator, _ = url.partition("://")
+    return (scheme if separator else url).strip().lower()
+
+
+def _loader(scheme: str) -> Callable[[], type[ResultBackend]]:
+    for schemes, loader in _LOADERS.items():
+        if scheme in schemes:
+            return loader
+    raise ImproperlyConfigured(
+        f"unknown result backend scheme {scheme!r}; supported schemes: {', '.join(supported_schemes())}"
+    )
+
+
+def create_backend(
+    url: str | None,
+    *,
+    serializer: str = "json",
+    expires: float | None = DEFAULT_EXPIRES,
+    accept: Iterable[str] | None = None,
+) -> ResultBackend | None:
+    """Build the result backend a `result_backend` URL names.
+
+    Args:
+        url: For example ``memory://``, ``cache+memory://``, ``sqlite:///results.db`` or
+            ``db+sqlite:////abs/path.db``. None, ``""`` and ``"disabled"`` mean no backend.
+        serializer: `result_serializer`: name of the serializer for stored documents.
+        expires: `result_expires`: seconds a ready result is kept; None keeps it forever.
+        accept: `result_accept_content`: serializer names or content types accepted when
+            reading results back; None accepts only `serializer`'s.
+
+    Returns:
+        The backend, or None when results are disabled.
+
+    Raises:
+        ImproperlyConfigured: The scheme is unknown, or the URL is malformed for its backend.
+        ProtocolError: `serializer` or an `accept` entry names no known serializer.
+    """
+    if url is None or url.strip().lower() in DISABLED:
+        return None
+    backend_class = _loader(url_scheme(url))()
+    accepted = None if accept is None else serializers.content_types(accept)
+    return backend_class(url, serializer=serializer, expires=expires, accept=accepted)

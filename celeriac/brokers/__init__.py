@@ -1,0 +1,1 @@
+"""Brokers: move opaque message bytes between producers and workers. See `base.Broker`."""

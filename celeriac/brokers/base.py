@@ -1,0 +1,165 @@
+"""The broker interface every transport implements, and the logic they share.
+
+A broker moves opaque payloads (packed envelopes) between named queues. It knows
+nothing of tasks. Every message a consumer fetches is *leased* to that consumer
+(`Broker.consumer_id`) until it is acked, released or dead-lettered; the consumer
+keeps its leases alive with `heartbeat()`, and any consumer's `heartbeat()` returns
+the messages of consumers whose leases have lapsed (a SIGKILLed worker's) to their
+queues. Delayed messages (`eta`) wait inside the broker until due.
+
+Priorities run 0-9; a higher number is more urgent (the AMQP convention).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+DEFAULT_LEASE_TIMEOUT = 30.0
+MAX_PRIORITY = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A payload to publish: where to, how urgent, and when it becomes visible (unix time)."""
+
+    queue: str
+    payload: bytes
+    priority: int = 0
+    eta: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A leased message: ack it, release it, or dead-letter it through the broker that gave it."""
+
+    tag: str
+    queue: str
+    payload: bytes
+    attempts: int = 1
+
+    @property
+    def redelivered(self) -> bool:
+        """True when this message was handed out before (its earlier consumer died or released it)."""
+        return self.attempts > 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message set aside because it could not be processed, and why."""
+
+    queue: str
+    payload: bytes
+    reason: str
+    when: float
+
+
+def clamp_priority(priority: int | None) -> int:
+    """Keep a priority inside 0-9."""
+    return max(0, min(MAX_PRIORITY, int(priority or 0)))
+
+
+def make_consumer_id() -> str:
+    """Return an id for this process's leases that no other process will share."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+class Broker(ABC):
+    """A transport for task messages. Subclasses implement the abstract methods and nothing else.
+
+    Args:
+        url: The broker URL; its scheme chose this class.
+        options: `broker_transport_options`; `lease_timeout` (seconds, default 30) is how long
+            a silent consumer keeps its leases, and `polling_interval` bounds idle waits.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.options: dict[str, Any] = dict(options or {})
+        self.lease_timeout = float(self.options.get("lease_timeout", DEFAULT_LEASE_TIMEOUT))
+        self.polling_interval = float(self.options.get("polling_interval", 0.1))
+        self.consumer_id = make_consumer_id()
+
+    # producing -------------------------------------------------------------------------
+
+    @abstractmethod
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Store `messages` durably in their queues, in one round trip where the broker can."""
+
+    def publish_one(self, queue: str, payload: bytes, *, priority: int = 0, eta: float | None = None) -> None:
+        """Store one payload in `queue`."""
+        self.publish([Outgoing(queue, payload, priority, eta)])
+
+    # consuming -------------------------------------------------------------------------
+
+    @abstractmethod
+    def fetch(self, queues: Sequence[str], limit: int, timeout: float) -> list[Delivery]:
+        """Lease up to `limit` ready messages from `queues`, waiting at most `timeout` seconds for one.
+
+        Messages come out most urgent first, then oldest first; a message whose eta
+        has not come is not ready.
+        """
+
+    @abstractmethod
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Forget messages that were processed."""
+
+    @abstractmethod
+    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+        """Return leased messages to their queues, visible again at `eta` (now if None)."""
+
+    @abstractmethod
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a leased message to the dead-letter store with `reason`."""
+
+    @abstractmethod
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Return dead-lettered messages, oldest first, from `queue` or from all queues."""
+
+    @abstractmethod
+    def heartbeat(self) -> int:
+        """Renew this consumer's leases and requeue lapsed consumers' messages; return how many."""
+
+    # administration --------------------------------------------------------------------
+
+    @abstractmethod
+    def purge(self, queue: str) -> int:
+        """Delete every waiting message in `queue` (not leased ones); return how many."""
+
+    @abstractmethod
+    def size(self, queue: str) -> int:
+        """Return how many messages wait in `queue`, delayed ones included, leased ones not."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the broker may be used again afterwards."""
+
+    def reset_after_fork(self) -> None:
+        """Drop connections inherited from a parent process and take a fresh consumer id."""
+        self.close()
+        self.consumer_id = make_consumer_id()
+
+
+def poll_until(fetch_once: Callable[[], list[Delivery]], timeout: float, ceiling: float) -> list[Delivery]:
+    """Call `fetch_once` until it returns messages or `timeout` passes, backing off up to `ceiling`."""
+    found = fetch_once()
+    if found or timeout <= 0:
+        return found
+    deadline = time.monotonic() + timeout
+    pause = min(0.002, ceiling)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return []
+        time.sleep(min(pause, remaining))
+        found = fetch_once()
+        if found:
+            return found
+        pause = min(pause * 2, ceiling)

@@ -1,0 +1,454 @@
+"""A broker in one SQLite file, shared safely by many threads and processes on one host.
+
+Table layout (the file may also hold the SQLite result backend's tables)::
+
+    celeriac_broker_schema      one row: the layout version below
+    celeriac_messages
+        id           INTEGER PRIMARY KEY AUTOINCREMENT   publish order; Delivery.tag
+        queue        TEXT
+        priority     INTEGER      0-9, higher first
+        visible_at   REAL         unix time the message may be fetched (its eta)
+        payload      BLOB
+        lease_owner  TEXT NULL    consumer_id holding the lease; NULL = waiting
+        attempts     INTEGER      times fetched
+        created      REAL
+    index celeriac_messages_waiting on (queue, priority DESC, id) where lease_owner IS NULL
+    index celeriac_messages_leased on (lease_owner) where lease_owner IS NOT NULL
+    celeriac_consumers
+        consumer_id  TEXT PRIMARY KEY
+        lease_until  REAL         every lease this consumer holds lasts until then
+    celeriac_dead_letters (id, queue, payload, reason, created)
+
+A lease belongs to a consumer, not to a message: a heartbeat renews one consumers row,
+and a message whose owner has no live row goes back to its queue. Times are wall-clock
+unix seconds because every process on the host must agree on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, clamp_priority, poll_until
+from celeriac.exceptions import ImproperlyConfigured, OperationalError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 30.0
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS celeriac_broker_schema (version INTEGER NOT NULL)",
+    """
+    CREATE TABLE IF NOT EXISTS celeriac_messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        visible_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        lease_owner TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS celeriac_messages_waiting
+        ON celeriac_messages (queue, priority DESC, id) WHERE lease_owner IS NULL
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS celeriac_messages_leased
+        ON celeriac_messages (lease_owner) WHERE lease_owner IS NOT NULL
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS celeriac_consumers (
+        consumer_id TEXT PRIMARY KEY,
+        lease_until REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        created REAL NOT NULL
+    )
+    """,
+)
+
+_INSERT = (
+    "INSERT INTO celeriac_messages (queue, priority, visible_at, payload, attempts, created)"
+    " VALUES (?, ?, ?, ?, 0, ?)"
+)
+_ANY_READY = (
+    "SELECT EXISTS (SELECT 1 FROM celeriac_messages"
+    " WHERE lease_owner IS NULL AND queue IN (SELECT value FROM json_each(?)) AND visible_at <= ?)"
+)
+_RENEW = (
+    "INSERT INTO celeriac_consumers (consumer_id, lease_until) VALUES (?, ?)"
+    " ON CONFLICT (consumer_id) DO UPDATE SET lease_until = excluded.lease_until"
+)
+_LEASE = """
+    UPDATE celeriac_messages SET lease_owner = ?, attempts = attempts + 1
+    WHERE id IN (
+        SELECT id FROM celeriac_messages
+        WHERE lease_owner IS NULL AND queue IN (SELECT value FROM json_each(?)) AND visible_at <= ?
+        ORDER BY priority DESC, id
+        LIMIT ?
+    )
+    RETURNING id, queue, payload, attempts, priority
+"""
+_ACK = (
+    "DELETE FROM celeriac_messages WHERE id IN (SELECT value FROM json_each(?)) AND lease_owner IS NOT NULL"
+)
+_RELEASE = (
+    "UPDATE celeriac_messages SET lease_owner = NULL, visible_at = ?"
+    " WHERE id IN (SELECT value FROM json_each(?)) AND lease_owner IS NOT NULL"
+)
+_TAKE_LEASED = (
+    "DELETE FROM celeriac_messages WHERE id = ? AND lease_owner IS NOT NULL RETURNING queue, payload"
+)
+_ADD_DEAD_LETTER = "INSERT INTO celeriac_dead_letters (queue, payload, reason, created) VALUES (?, ?, ?, ?)"
+_RETURN_ORPHANS = """
+    UPDATE celeriac_messages SET lease_owner = NULL
+    WHERE lease_owner IS NOT NULL
+      AND lease_owner NOT IN (SELECT consumer_id FROM celeriac_consumers WHERE lease_until >= ?)
+"""
+_FORGET_DEAD_CONSUMERS = "DELETE FROM celeriac_consumers WHERE lease_until < ?"
+_PURGE = "DELETE FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL"
+_SIZE = "SELECT count(*) FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL"
+_SCHEDULED = (
+    "SELECT count(*) FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL AND visible_at > ?"
+)
+
+# Connections inherited from a parent process. Closing one in the child could checkpoint
+# or unlink the parent's WAL, so they stay referenced (never finalised) and unused.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def database_path(url: str) -> str:
+    """Turn ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` into an absolute file path.
+
+    Args:
+        url: A URL with any of `SQLiteBroker.schemes`.
+
+    Returns:
+        The path, resolved against the current directory now, so that threads and child
+        processes agree on it whatever they later do to their directory.
+
+    Raises:
+        ImproperlyConfigured: The URL names a host or no file.
+    """
+    parts = urlsplit(url)
+    path = parts.path[1:]
+    if parts.netloc or not path or path == ":memory:":
+        raise ImproperlyConfigured(
+            f"SQLite broker URL {url!r} must name a file: sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db (use memory:// for a broker inside one process)"
+        )
+    return os.path.abspath(path)
+
+
+def _synchronous(options: Mapping[str, Any]) -> str:
+    mode = str(options.get("synchronous", "NORMAL")).upper()
+    if mode not in SYNCHRONOUS_MODES:
+        raise ImproperlyConfigured(
+            f"broker_transport_options['synchronous'] is {mode!r}; use one of {', '.join(SYNCHRONOUS_MODES)}"
+        )
+    return mode
+
+
+class SQLiteBroker(Broker):
+    """A durable broker in a SQLite file: no server, safe for every process on one host.
+
+    Args:
+        url: ``sqlite:///relative/path.db`` (relative to the current directory) or
+            ``sqlite:////absolute/path.db``; ``sqla+sqlite://`` works too.
+        options: `broker_transport_options`: `lease_timeout`, `polling_interval` (the longest
+            pause between polls while waiting for messages) and `synchronous` (SQLite's
+            pragma; NORMAL by default, which can lose the last commits on power loss but
+            not on a crash).
+
+    Raises:
+        ImproperlyConfigured: The URL or an option is unusable.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("sqlite", "sqla+sqlite")
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, options)
+        self.path = database_path(url)
+        self._synchronous = _synchronous(self.options)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        self._schema_ready = False
+
+    # connections -----------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():
+            self.reset_after_fork()
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._open()
+            self._local.connection = connection
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # check_same_thread is off only so close() may close every thread's connection;
+            # each connection is otherwise used by the thread that opened it.
+            connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise OperationalError(f"Cannot open the SQLite broker file {self.path!r}: {exc}") from exc
+        try:
+            self._configure(connection)
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            self._connections.append(connection)
+        return connection
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        with _translated(self.path):
+            connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if not self._schema_ready:
+                self._create_schema(connection)
+                self._schema_ready = True
+
+    def _create_schema(self, connection: sqlite3.Connection) -> None:
+        with _transaction(connection):
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            row = connection.execute("SELECT max(version) FROM celeriac_broker_schema").fetchone()
+            if row[0] is None:
+                connection.execute(
+                    "INSERT INTO celeriac_broker_schema (version) VALUES (?)", (SCHEMA_VERSION,)
+                )
+            elif row[0] > SCHEMA_VERSION:
+                raise ImproperlyConfigured(
+                    f"{self.path!r} holds broker tables of layout {row[0]}, newer than this celeriac "
+                    f"understands ({SCHEMA_VERSION}); upgrade celeriac or use another file"
+                )
+
+    def close(self) -> None:
+        """Close every connection this broker opened; the next call opens new ones.
+
+        In a forked child the parent's connections are abandoned, never closed.
+        """
+        if self._pid != os.getpid():
+            self._abandon_parent_connections()
+            return
+        with self._lock:
+            connections, self._connections = self._connections, []
+        self._local = threading.local()
+        for connection in connections:
+            connection.close()
+
+    def _abandon_parent_connections(self) -> None:
+        _INHERITED.extend(self._connections)
+        self._connections = []
+        self._local = threading.local()
+        # Another thread of the parent may have held the lock at fork time.
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    # producing -------------------------------------------------------------------------
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Store `messages` in one transaction.
+
+        Args:
+            messages: What to store; a message with an `eta` stays hidden until then.
+        """
+        if not messages:
+            return
+        now = time.time()
+        rows = [
+            (m.queue, clamp_priority(m.priority), now if m.eta is None else m.eta, m.payload, now)
+            for m in messages
+        ]
+        connection = self._connection()
+        with _translated(self.path), _transaction(connection):
+            connection.executemany(_INSERT, rows)
+
+    # consuming -------------------------------------------------------------------------
+
+    def fetch(self, queues: Sequence[str], limit: int, timeout: float) -> list[Delivery]:
+        """Lease up to `limit` ready messages, most urgent then oldest first.
+
+        Args:
+            queues: Queue names to take from.
+            limit: The most messages to return.
+            timeout: Seconds to wait for a first message, polling at most every `polling_interval`.
+
+        Returns:
+            The leased messages, possibly none.
+        """
+        if limit <= 0 or not queues:
+            return []
+        names = _json_list(dict.fromkeys(queues))
+        return poll_until(lambda: self._fetch_once(names, limit), timeout, self.polling_interval)
+
+    def _fetch_once(self, names: str, limit: int) -> list[Delivery]:
+        connection = self._connection()
+        now = time.time()
+        with _translated(self.path):
+            # A read first, so idle pollers never queue up for the write lock.
+            if not connection.execute(_ANY_READY, (names, now)).fetchone()[0]:
+                return []
+            with _transaction(connection):
+                connection.execute(_RENEW, (self.consumer_id, now + self.lease_timeout))
+                rows = connection.execute(_LEASE, (self.consumer_id, names, now, limit)).fetchall()
+        rows.sort(key=lambda row: (-row[4], row[0]))
+        return [Delivery(str(row[0]), row[1], bytes(row[2]), row[3]) for row in rows]
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete processed messages in one statement.
+
+        Args:
+            deliveries: Messages this broker's file handed out; ones no longer leased are ignored.
+        """
+        if deliveries:
+            self._execute(_ACK, (_tags(deliveries),))
+
+    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+        """Return leased messages to their queues in one statement.
+
+        Args:
+            deliveries: Messages to give back; ones no longer leased are left alone.
+            eta: Unix time they become visible again; now if None.
+        """
+        if deliveries:
+            self._execute(_RELEASE, (time.time() if eta is None else eta, _tags(deliveries)))
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a leased message to the dead letters in one transaction.
+
+        Args:
+            delivery: The message to set aside.
+            reason: Why, for whoever reads `dead_letters()`.
+        """
+        connection = self._connection()
+        with _translated(self.path), _transaction(connection):
+            row = connection.execute(_TAKE_LEASED, (int(delivery.tag),)).fetchone()
+            if row is not None:
+                connection.execute(_ADD_DEAD_LETTER, (row[0], row[1], reason, time.time()))
+        if row is None:
+            logger.warning(
+                "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
+            )
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Return dead letters, oldest first.
+
+        Args:
+            queue: Only this queue's; all queues' if None.
+            limit: The most to return.
+
+        Returns:
+            The dead letters.
+        """
+        select = "SELECT queue, payload, reason, created FROM celeriac_dead_letters"
+        where, params = ("", ()) if queue is None else (" WHERE queue = ?", (queue,))
+        rows = self._query(f"{select}{where} ORDER BY id LIMIT ?", (*params, max(limit, 0)))
+        return [DeadLetter(row[0], bytes(row[1]), row[2], row[3]) for row in rows]
+
+    def heartbeat(self) -> int:
+        """Renew this consumer's leases and return lapsed consumers' messages to their queues.
+
+        Returns:
+            How many messages went back.
+        """
+        connection = self._connection()
+        now = time.time()
+        with _translated(self.path), _transaction(connection):
+            connection.execute(_RENEW, (self.consumer_id, now + self.lease_timeout))
+            returned = connection.execute(_RETURN_ORPHANS, (now,)).rowcount
+            connection.execute(_FORGET_DEAD_CONSUMERS, (now,))
+        if returned:
+            logger.info("Returned %d messages of lapsed consumers to their queues", returned)
+        return returned
+
+    # administration --------------------------------------------------------------------
+
+    def purge(self, queue: str) -> int:
+        """Delete every waiting message of `queue`; leased ones stay.
+
+        Args:
+            queue: The queue to empty.
+
+        Returns:
+            How many messages were deleted.
+        """
+        return self._execute(_PURGE, (queue,))
+
+    def size(self, queue: str) -> int:
+        """Return how many messages wait in `queue`, delayed ones included.
+
+        Args:
+            queue: The queue to count.
+        """
+        return int(self._query(_SIZE, (queue,))[0][0])
+
+    def scheduled(self, queue: str) -> int:
+        """Return how many messages of `queue` wait for an eta still to come.
+
+        Args:
+            queue: The queue to count.
+        """
+        return int(self._query(_SCHEDULED, (queue, time.time()))[0][0])
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> int:
+        with _translated(self.path):
+            return self._connection().execute(sql, params).rowcount
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        with _translated(self.path):
+            return self._connection().execute(sql, params).fetchall()
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a read-then-write never fails half way
+    # with SQLITE_BUSY when another process wrote in between.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def _translated(path: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise OperationalError(f"SQLite broker {path!r}: {exc}") from exc
+
+
+def _tags(deliveries: Sequence[Delivery]) -> str:
+    return _json_list(int(delivery.tag) for delivery in deliveries)
+
+
+def _json_list(items: Iterable[object]) -> str:
+    return json.dumps(list(items))

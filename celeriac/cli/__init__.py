@@ -1,0 +1,1 @@
+"""The `celeriac` command line: `celeriac -A tasks worker`, `purge`, ..."""

@@ -1,0 +1,103 @@
+"""`Request`: what a running task knows about its own call (`self.request`)."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+_FIELDS: dict[str, Any] = {
+    "id": None,
+    "task": None,
+    "args": (),
+    "kwargs": {},
+    "retries": 0,
+    "eta": None,
+    "expires": None,
+    "hostname": None,
+    "delivery_info": {},
+    "root_id": None,
+    "parent_id": None,
+    "group": None,
+    "group_index": None,
+    "origin": None,
+    "reply_to": None,
+    "correlation_id": None,
+    "timelimit": None,
+    "callbacks": None,
+    "errbacks": None,
+    "chain": None,
+    "chord": None,
+    "headers": None,
+    "ignore_result": False,
+    "is_eager": False,
+    "called_directly": True,
+    "shadow": None,
+}
+
+
+class Request:
+    """The context of one task run; attributes as in Celery's `Task.request`."""
+
+    id: Any
+    task: Any
+    args: Any
+    kwargs: Any
+    retries: int
+    eta: Any
+    expires: Any
+    hostname: Any
+    delivery_info: Any
+    root_id: Any
+    parent_id: Any
+    group: Any
+    group_index: Any
+    origin: Any
+    reply_to: Any
+    correlation_id: Any
+    timelimit: Any
+    callbacks: Any
+    errbacks: Any
+    chain: Any
+    chord: Any
+    headers: Any
+    ignore_result: bool
+    is_eager: bool
+    called_directly: bool
+    shadow: Any
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        self.__dict__.update(_FIELDS)
+        if values:
+            self.__dict__.update(values)
+        self.__dict__.update(fields)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Return a field by name, or `default`."""
+        return self.__dict__.get(name, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain dict."""
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.task}[{self.id}]>"
+
+
+_running: contextvars.ContextVar[Request | None] = contextvars.ContextVar("celeriac_request", default=None)
+
+
+def current_request() -> Request | None:
+    """Return the request of the task running in this thread (or task context), if any."""
+    return _running.get()
+
+
+@contextmanager
+def running(request: Request) -> Iterator[Request]:
+    """Make `request` the current one for the duration of a task run."""
+    token = _running.set(request)
+    try:
+        yield request
+    finally:
+        _running.reset(token)

@@ -1,0 +1,36 @@
+"""Task states, named and grouped as Celery names and groups them."""
+
+from __future__ import annotations
+
+PENDING = "PENDING"
+RECEIVED = "RECEIVED"
+STARTED = "STARTED"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+REJECTED = "REJECTED"
+RETRY = "RETRY"
+IGNORED = "IGNORED"
+
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+UNREADY_STATES = frozenset({PENDING, RECEIVED, STARTED, REJECTED, RETRY})
+EXCEPTION_STATES = frozenset({RETRY, FAILURE, REVOKED})
+PROPAGATE_STATES = frozenset({FAILURE, REVOKED})
+ALL_STATES = READY_STATES | UNREADY_STATES | {IGNORED}
+
+__all__ = [
+    "ALL_STATES",
+    "EXCEPTION_STATES",
+    "FAILURE",
+    "IGNORED",
+    "PENDING",
+    "PROPAGATE_STATES",
+    "READY_STATES",
+    "RECEIVED",
+    "REJECTED",
+    "RETRY",
+    "REVOKED",
+    "STARTED",
+    "SUCCESS",
+    "UNREADY_STATES",
+]

@@ -1,0 +1,130 @@
+"""Run one task call and record its outcome: shared by the worker and by eager `apply()`."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback as tb
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.exceptions import Ignore, ProtocolError, Reject, Retry
+from celeriac.protocol.message import short_repr
+from celeriac.request import Request, running
+
+if TYPE_CHECKING:
+    from celeriac.backends.base import ResultBackend
+    from celeriac.task import Task
+
+logger = logging.getLogger("celeriac.task")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one run ended. `value` is the return value, or the exception raised."""
+
+    state: str
+    value: Any
+    runtime: float
+    traceback: str | None = None
+    reject_requeue: bool = False
+
+    @property
+    def summary(self) -> str:
+        """A bounded repr of the value (Retry's own words for a retry), for log lines."""
+        if isinstance(self.value, Retry):
+            return str(self.value)
+        return short_repr(self.value, 256)
+
+
+def _extended(task: Task[Any, Any], request: Request) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if request.group is not None:
+        extra["group_id"] = request.group
+    if request.parent_id is not None:
+        extra["parent_id"] = request.parent_id
+    if task.app.conf.result_extended:
+        delivery = request.delivery_info or {}
+        extra.update(
+            name=task.name,
+            args=list(request.args),
+            kwargs=dict(request.kwargs),
+            worker=request.hostname,
+            retries=request.retries,
+            queue=delivery.get("routing_key"),
+        )
+    return extra
+
+
+class Tracer:
+    """Runs a task's body with its handlers and stores what happened in the backend."""
+
+    def __init__(self, task: Task[Any, Any], backend: ResultBackend | None, store: bool = True) -> None:
+        self.task = task
+        self.backend = backend if store else None
+
+    def run(self, request: Request, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outcome:
+        """Run the task for `request` and return its outcome."""
+        started = time.perf_counter()
+        with running(request):
+            try:
+                self.task.before_start(request.id, args, kwargs)
+                value = self.task(*args, **kwargs)
+            except Retry as signal:
+                return self._retried(request, signal, started)
+            except Ignore:
+                return Outcome(states.IGNORED, None, time.perf_counter() - started)
+            except Reject as reject:
+                return Outcome(states.REJECTED, reject, time.perf_counter() - started, None, reject.requeue)
+            except Exception as exc:
+                return self._failed(request, exc, started)
+            return self._succeeded(request, value, started)
+
+    def _store(self, request: Request, value: Any, state: str, trace: str | None = None) -> None:
+        if self.backend is None or request.id is None:
+            return
+        ignored = request.ignore_result or self.task.ignore_result
+        failing = state in states.EXCEPTION_STATES
+        if ignored and not (failing and self.task.store_errors_even_if_ignored):
+            return
+        self.backend.store_result(
+            request.id, value, state, traceback=trace, extra=_extended(self.task, request)
+        )
+
+    def _succeeded(self, request: Request, value: Any, started: float) -> Outcome:
+        try:
+            self._store(request, value, states.SUCCESS)
+        except ProtocolError as exc:
+            return self._failed(request, exc, started)
+        self.task.on_success(value, request.id, request.args, request.kwargs)
+        self._after(states.SUCCESS, value, request, None)
+        return Outcome(states.SUCCESS, value, time.perf_counter() - started)
+
+    def _failed(self, request: Request, exc: BaseException, started: float) -> Outcome:
+        trace = tb.format_exc()
+        self._store(request, exc, states.FAILURE, trace)
+        self._handler(self.task.on_failure, exc, request, trace)
+        self._after(states.FAILURE, exc, request, trace)
+        return Outcome(states.FAILURE, exc, time.perf_counter() - started, trace)
+
+    def _retried(self, request: Request, signal: Retry, started: float) -> Outcome:
+        reason = signal.exc if isinstance(signal.exc, BaseException) else signal
+        trace = tb.format_exc()
+        self._store(request, reason, states.RETRY, trace)
+        self._handler(self.task.on_retry, reason, request, trace)
+        self._after(states.RETRY, reason, request, trace)
+        return Outcome(states.RETRY, signal, time.perf_counter() - started, trace)
+
+    def _handler(self, hook: Any, exc: BaseException, request: Request, trace: str) -> None:
+        try:
+            hook(exc, request.id, request.args, request.kwargs, trace)
+        except Exception:
+            logger.exception("%s handler of task %s raised", hook.__name__, self.task.name)
+
+    def _after(self, state: str, value: Any, request: Request, trace: str | None) -> None:
+        try:
+            self.task.after_return(state, value, request.id, request.args, request.kwargs, trace)
+        except Exception:
+            logger.exception("after_return handler of task %s raised", self.task.name)

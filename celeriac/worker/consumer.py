@@ -1,0 +1,238 @@
+"""The consumer: lease messages, vet them, feed the pool, ack, and give back what it cannot run.
+
+Early ack (the default) acks a message just before its task starts; `acks_late` acks
+after the task ends, so a task whose worker dies mid-run is delivered again. Messages
+fetched but not started stay leased, never acked, so a dead worker's prefetched
+messages return to the queue when its lease lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.brokers.base import Broker, Delivery
+from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError
+from celeriac.protocol.message import TaskMessage, decode_task, unpack
+from celeriac.worker.execution import is_expired, revoke_expired
+from celeriac.worker.jobs import Completion, Job
+from celeriac.worker.pools.base import Pool
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
+    from celeriac.task import Task
+
+logger = logging.getLogger("celeriac.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the consumer needs to know about its worker."""
+
+    hostname: str
+    queues: tuple[str, ...]
+    prefetch_limit: int
+    max_deliveries: int
+    idle_wait: float = 1.0
+
+
+@dataclass(slots=True)
+class _Held:
+    job: Job
+    delivery: Delivery
+    acks_late: bool
+
+
+class Consumer:
+    """Moves messages from the broker through the pool and acks them."""
+
+    def __init__(self, app: Celery, broker: Broker, pool: Pool, settings: Settings) -> None:
+        self.app = app
+        self.broker = broker
+        self.pool = pool
+        self.settings = settings
+        self.accept = app.accept_content
+        self.reserved: deque[_Held] = deque()
+        self.active: dict[int, _Held] = {}
+        self.processed = 0
+        self._acks: list[Delivery] = []
+        self._next_key = 0
+
+    # the loop --------------------------------------------------------------------------
+
+    def step(self, fetching: bool = True) -> None:
+        """Fetch what the prefetch budget allows, start what the pool can take, collect what ended."""
+        if fetching:
+            self._fetch()
+        self._dispatch()
+        self.flush_acks()
+        waiting = bool(self.reserved) and self.pool.free_slots() > 0
+        for completion in self.pool.collect(0.0 if waiting else 0.5):
+            self._complete(completion)
+        self.flush_acks()
+
+    def _fetch(self) -> None:
+        budget = self.settings.prefetch_limit - len(self.reserved) - len(self.active)
+        if budget <= 0:
+            return
+        busy = bool(self.reserved or self.active)
+        timeout = 0.0 if busy else self.settings.idle_wait
+        for delivery in self.broker.fetch(self.settings.queues, budget, timeout):
+            self._receive(delivery)
+
+    def flush_acks(self) -> None:
+        """Ack everything acked since the last flush, in one broker call."""
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self.broker.ack(acks)
+
+    # receiving -------------------------------------------------------------------------
+
+    def _receive(self, delivery: Delivery) -> None:
+        message = self._decode(delivery)
+        if message is None or not self._vet(delivery, message):
+            return
+        task = self.app.tasks[message.name]
+        logger.info("Task %s[%s] received", message.name, message.id)
+        self.reserved.append(_Held(self._job(delivery, message, task), delivery, self._acks_late(task)))
+
+    def _decode(self, delivery: Delivery) -> TaskMessage | None:
+        try:
+            return decode_task(unpack(delivery.payload), self.accept)
+        except ContentDisallowed as exc:
+            self.dead_letter(delivery, str(exc))
+        except ProtocolError as exc:
+            self.dead_letter(delivery, f"undecodable message: {exc}")
+        return None
+
+    def _vet(self, delivery: Delivery, message: TaskMessage) -> bool:
+        if message.name not in self.app.tasks:
+            self.dead_letter(delivery, f"NotRegistered: no task named {message.name!r} in this worker")
+            self._store_failure(message, NotRegistered(message.name))
+            return False
+        if delivery.attempts > self.settings.max_deliveries:
+            reason = f"delivered {delivery.attempts} times without completing (max_deliveries)"
+            self.dead_letter(delivery, reason)
+            return False
+        eta = message.eta
+        if eta is not None and eta.timestamp() > time.time() + 0.001:
+            self.broker.release([delivery], eta=eta.timestamp())  # delayed work waits in the broker
+            return False
+        return True
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Set a message aside with `reason`; it is kept, never dropped."""
+        logger.error("Message from queue %r moved to the dead-letter queue: %s", delivery.queue, reason)
+        self.broker.dead_letter(delivery, reason)
+
+    def _store_failure(self, message: TaskMessage, exc: BaseException) -> None:
+        backend = self.app.backend
+        if backend is not None:
+            backend.store_result(message.id, exc, states.FAILURE)
+
+    def _job(self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]) -> Job:
+        self._next_key += 1
+        hard, soft = message.timelimit
+        conf = self.app.conf
+        return Job(
+            key=self._next_key,
+            message=message,
+            delivery_info={
+                "exchange": "",
+                "routing_key": delivery.queue,
+                "priority": message.priority,
+                "redelivered": delivery.redelivered,
+            },
+            hostname=self.settings.hostname,
+            soft_limit=_first(soft, task.soft_time_limit, conf.task_soft_time_limit),
+            hard_limit=_first(hard, task.time_limit, conf.task_time_limit),
+        )
+
+    def _acks_late(self, task: Task[Any, Any]) -> bool:
+        return bool(task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late)
+
+    # running ---------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while self.reserved and self.pool.free_slots() > 0:
+            held = self.reserved.popleft()
+            message = held.job.message
+            if is_expired(message):
+                logger.info("Task %s[%s] expired: revoked", message.name, message.id)
+                revoke_expired(self.app, message)
+                self._acks.append(held.delivery)
+                continue
+            if not held.acks_late:
+                self._acks.append(held.delivery)
+            self.active[held.job.key] = held
+            self.pool.submit(held.job)
+
+    def _complete(self, completion: Completion) -> None:
+        held = self.active.pop(completion.key, None)
+        if held is None:
+            return
+        self.processed += 1
+        log_completion(held.job.message, completion)
+        if not held.acks_late:
+            return
+        if completion.requeue:
+            self.broker.release([held.delivery])
+        elif completion.state == states.FAILURE and not self._ack_failures(held):
+            self.dead_letter(held.delivery, f"task failed: {completion.summary}")
+        else:
+            self._acks.append(held.delivery)
+
+    def _ack_failures(self, held: _Held) -> bool:
+        task = self.app.tasks.get(held.job.message.name)
+        flag = getattr(task, "acks_on_failure_or_timeout", None)
+        return bool(self.app.conf.task_acks_on_failure_or_timeout if flag is None else flag)
+
+    # stopping --------------------------------------------------------------------------
+
+    def release_reserved(self) -> int:
+        """Give prefetched, unstarted messages back to the queue; return how many."""
+        deliveries = [held.delivery for held in self.reserved]
+        self.reserved.clear()
+        if deliveries:
+            self.broker.release(deliveries)
+        return len(deliveries)
+
+    def release_active(self) -> int:
+        """Give back the messages of running tasks that are not acked yet (cold shutdown)."""
+        unacked = [held.delivery for held in self.active.values() if held.acks_late]
+        self.active.clear()
+        if unacked:
+            self.broker.release(unacked)
+        return len(unacked)
+
+
+def _first(*values: float | None) -> float | None:
+    for value in values:
+        if value:
+            return float(value)
+    return None
+
+
+def log_completion(message: TaskMessage, completion: Completion) -> None:
+    """Log a finished task the way Celery's worker does at info level."""
+    name, task_id = message.name, message.id
+    if completion.state == states.SUCCESS:
+        logger.info(
+            "Task %s[%s] succeeded in %.6fs: %s", name, task_id, completion.runtime, completion.summary
+        )
+    elif completion.state == states.RETRY:
+        logger.info("Task %s[%s] retry: %s", name, task_id, completion.summary)
+    elif completion.state == states.FAILURE:
+        logger.error(
+            "Task %s[%s] raised unexpected: %s\n%s",
+            name,
+            task_id,
+            completion.summary,
+            completion.traceback or "",
+        )
+    else:
+        logger.info("Task %s[%s] %s", name, task_id, completion.state.lower())

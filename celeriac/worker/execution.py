@@ -1,0 +1,126 @@
+"""One job, start to finish, in whatever process or thread the pool runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback as tb
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.exceptions import TaskRevokedError
+from celeriac.protocol.message import TaskMessage, short_repr
+from celeriac.request import Request
+from celeriac.tracing import Tracer
+from celeriac.worker.jobs import Completion, Job
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
+    from celeriac.task import Task
+
+logger = logging.getLogger("celeriac.worker")
+
+
+def build_request(job: Job, task: Task[Any, Any]) -> Request:
+    """Turn a job's message into the `self.request` its task sees."""
+    message = job.message
+    headers = message.headers
+    embed = message.embed
+    return Request(
+        id=message.id,
+        task=task.name,
+        args=tuple(message.args),
+        kwargs=dict(message.kwargs),
+        retries=message.retries,
+        eta=headers.get("eta"),
+        expires=headers.get("expires"),
+        hostname=job.hostname,
+        delivery_info=job.delivery_info,
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        group=headers.get("group"),
+        group_index=headers.get("group_index"),
+        origin=headers.get("origin"),
+        shadow=headers.get("shadow"),
+        reply_to=message.properties.get("reply_to"),
+        correlation_id=message.properties.get("correlation_id") or message.id,
+        timelimit=(job.hard_limit, job.soft_limit),
+        callbacks=embed.get("callbacks"),
+        errbacks=embed.get("errbacks"),
+        chain=embed.get("chain"),
+        chord=embed.get("chord"),
+        headers=dict(headers),
+        ignore_result=bool(headers.get("ignore_result")),
+        is_eager=False,
+        called_directly=False,
+    )
+
+
+def is_expired(message: TaskMessage) -> bool:
+    """True when the message's `expires` time has passed."""
+    expires = message.expires
+    if expires is None:
+        return False
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    return expires <= datetime.now(UTC)
+
+
+def revoke_expired(app: Celery, message: TaskMessage) -> None:
+    """Record an expired task as REVOKED, so its caller's `get()` ends."""
+    backend = app.backend
+    if backend is not None:
+        backend.store_result(message.id, TaskRevokedError("expired"), states.REVOKED)
+
+
+def execute(app: Celery, job: Job) -> Completion:
+    """Run `job` and store its outcome; never raises for a task's own failure."""
+    message = job.message
+    task = app.tasks[message.name]
+    if is_expired(message):
+        revoke_expired(app, message)
+        return Completion(job.key, states.REVOKED, 0.0, "expired")
+    request = build_request(job, task)
+    backend = app.backend
+    if backend is not None and _tracks_started(app, task) and not request.ignore_result:
+        backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
+    outcome = Tracer(task, backend).run(request, request.args, request.kwargs)
+    return Completion(
+        job.key,
+        outcome.state,
+        outcome.runtime,
+        outcome.summary,
+        outcome.traceback,
+        requeue=outcome.reject_requeue,
+    )
+
+
+def _tracks_started(app: Celery, task: Task[Any, Any]) -> bool:
+    return bool(task.track_started if task.track_started is not None else app.conf.task_track_started)
+
+
+def execute_safely(app: Celery, job: Job) -> Completion:
+    """Run `execute`, turning an error outside the task body (a backend outage, a late alarm) into FAILURE."""
+    started = time.perf_counter()
+    try:
+        return execute(app, job)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        logger.error("Task %s[%s] could not be run: %r", job.message.name, job.message.id, exc)
+        _store_failure(app, job.message, exc)
+        return Completion(
+            job.key, states.FAILURE, time.perf_counter() - started, short_repr(exc), tb.format_exc()
+        )
+
+
+def _store_failure(app: Celery, message: TaskMessage, exc: BaseException) -> None:
+    backend = app.backend
+    if backend is None:
+        return
+    try:
+        backend.store_result(message.id, exc, states.FAILURE, traceback=tb.format_exc())
+    except Exception:
+        logger.exception("could not store the failure of task %s", message.id)

@@ -1,0 +1,41 @@
+"""The solo pool: runs each job inline in the worker's main thread (for debugging and tight loops)."""
+
+from __future__ import annotations
+
+from celeriac.worker.execution import execute_safely
+from celeriac.worker.jobs import Completion, Job
+from celeriac.worker.pools.base import Pool
+from celeriac.worker.timelimits import alarm_limits
+
+
+class SoloPool(Pool):
+    """One job at a time, in this thread; time limits come from SIGALRM."""
+
+    name = "solo"
+
+    def __init__(self, app: object, size: int) -> None:
+        super().__init__(app, 1)  # type: ignore[arg-type]
+        self._next: Job | None = None
+
+    def free_slots(self) -> int:
+        return 0 if self._next is not None else 1
+
+    def submit(self, job: Job) -> None:
+        self._next = job
+
+    def collect(self, timeout: float) -> list[Completion]:
+        job = self._next
+        if job is None:
+            return []
+        try:
+            with alarm_limits(job.soft_limit, job.hard_limit, hard_in_process=True):
+                completion = execute_safely(self.app, job)
+        finally:
+            self._next = None
+        return [completion]
+
+    def running(self) -> list[Job]:
+        return [self._next] if self._next is not None else []
+
+    def stop(self, *, cold: bool) -> None:
+        self._next = None

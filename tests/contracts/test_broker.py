@@ -1,0 +1,566 @@
+"""The contract every broker keeps, run against each one.
+
+Brokers are built through the registry from their URL, as the app builds them. Two
+broker objects on the same URL stand for two consumers (two workers) of one broker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from celeriac.brokers.base import Broker, Delivery, Outgoing
+from celeriac.brokers.memory import MemoryBroker
+from celeriac.brokers.registry import DEFAULT_BROKER_URL, broker_class_for, create_broker
+from celeriac.brokers.sqlite import SQLiteBroker
+from celeriac.exceptions import ImproperlyConfigured
+
+MakeBroker = Callable[..., Broker]
+T = TypeVar("T")
+
+GENEROUS_TIMEOUT = 10.0
+SHORT_LEASE = 0.5
+QUEUE = "celery"
+
+
+# fixtures and helpers ----------------------------------------------------------------
+
+
+def _sqlite_url(directory: Path) -> str:
+    return f"sqlite:///{directory / 'broker.db'}"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    # A fresh memory store per test: brokers share a store only through its name.
+    return f"memory://contract-{uuid.uuid4().hex}" if request.param == "memory" else _sqlite_url(tmp_path)
+
+
+@pytest.fixture
+def make_broker(broker_url: str) -> Iterator[MakeBroker]:
+    made: list[Broker] = []
+
+    def make(**options: Any) -> Broker:
+        broker = create_broker(broker_url, options)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def broker(make_broker: MakeBroker) -> Broker:
+    return make_broker()
+
+
+def go_silent(consumer: Broker) -> None:
+    """Make `consumer` behave like a SIGKILLed worker: no more heartbeats, no more calls."""
+    if isinstance(consumer, MemoryBroker):
+        # In one process a consumer cannot die on its own; say so explicitly.
+        consumer.mark_dead(consumer.consumer_id)
+    else:
+        consumer.close()
+
+
+def scheduled(broker: Broker) -> int:
+    assert isinstance(broker, MemoryBroker | SQLiteBroker)
+    return broker.scheduled(QUEUE)
+
+
+def eventually(probe: Callable[[], T], timeout: float = GENEROUS_TIMEOUT) -> T:
+    """Call `probe` until it returns something truthy, failing the test if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {timeout} s")
+        time.sleep(0.01)
+
+
+def payloads(deliveries: list[Delivery]) -> list[bytes]:
+    return [delivery.payload for delivery in deliveries]
+
+
+# producing and fetching ---------------------------------------------------------------
+
+
+def test_a_published_message_comes_back_from_fetch_with_its_queue_and_payload(broker: Broker) -> None:
+    # Given a message published to a queue
+    broker.publish_one(QUEUE, b"\x00payload\xff")
+
+    # When a consumer fetches from that queue
+    [delivery] = broker.fetch([QUEUE], 10, timeout=1)
+
+    # Then it gets that message, on its first attempt
+    assert (delivery.queue, delivery.payload, delivery.attempts) == (QUEUE, b"\x00payload\xff", 1)
+    assert not delivery.redelivered
+
+
+def test_more_urgent_messages_are_fetched_first(broker: Broker) -> None:
+    # Given messages of mixed priorities, including ones outside 0-9
+    for priority in (0, 5, 9, 1, 42, -3):
+        broker.publish_one(QUEUE, str(priority).encode(), priority=priority)
+
+    # When they are fetched in one batch
+    fetched = broker.fetch([QUEUE], 10, timeout=1)
+
+    # Then the most urgent come first, out-of-range priorities clamped to 9 and 0
+    assert payloads(fetched) == [b"9", b"42", b"5", b"1", b"0", b"-3"]
+
+
+def test_messages_of_equal_priority_come_out_oldest_first(broker: Broker) -> None:
+    # Given many messages of one priority, published in order
+    broker.publish([Outgoing(QUEUE, str(n).encode(), priority=3) for n in range(50)])
+
+    # When they are fetched a few at a time
+    fetched = [d for _ in range(10) for d in broker.fetch([QUEUE], 5, timeout=1)]
+
+    # Then they come out in publish order
+    assert payloads(fetched) == [str(n).encode() for n in range(50)]
+
+
+def test_fetch_from_several_queues_orders_by_priority_across_them(broker: Broker) -> None:
+    # Given messages in two queues and one in a queue nobody asks for
+    broker.publish(
+        [
+            Outgoing("a", b"a-low", priority=1),
+            Outgoing("b", b"b-high", priority=8),
+            Outgoing("a", b"a-high", priority=8),
+            Outgoing("other", b"ignored", priority=9),
+        ]
+    )
+
+    # When a consumer fetches from both queues
+    fetched = broker.fetch(["a", "b"], 10, timeout=1)
+
+    # Then it gets every message of those queues, most urgent then oldest first
+    assert [(d.queue, d.payload) for d in fetched] == [("b", b"b-high"), ("a", b"a-high"), ("a", b"a-low")]
+
+
+def test_fetch_returns_at_most_limit_messages(broker: Broker) -> None:
+    # Given five waiting messages
+    broker.publish([Outgoing(QUEUE, bytes([n])) for n in range(5)])
+
+    # When a consumer fetches with a limit of two
+    fetched = broker.fetch([QUEUE], 2, timeout=1)
+
+    # Then it gets two, and three still wait
+    assert len(fetched) == 2
+    assert broker.size(QUEUE) == 3
+
+
+def test_fetch_from_an_empty_queue_returns_nothing_after_its_timeout(broker: Broker) -> None:
+    # Given an empty queue
+    started = time.monotonic()
+
+    # When a consumer fetches with a short timeout
+    fetched = broker.fetch([QUEUE], 10, timeout=0.1)
+
+    # Then it gets nothing, having waited about that long
+    assert fetched == []
+    assert 0.1 <= time.monotonic() - started < GENEROUS_TIMEOUT
+
+
+def test_a_waiting_fetch_returns_once_a_message_is_published(make_broker: MakeBroker) -> None:
+    # Given a consumer waiting on an empty queue
+    consumer, producer = make_broker(), make_broker()
+    fetched: list[Delivery] = []
+    waiter = threading.Thread(target=lambda: fetched.extend(consumer.fetch([QUEUE], 1, GENEROUS_TIMEOUT)))
+    waiter.start()
+
+    # When another broker object publishes to it
+    producer.publish_one(QUEUE, b"wake up")
+    waiter.join(GENEROUS_TIMEOUT + 1)
+
+    # Then the waiting fetch returns the message
+    assert payloads(fetched) == [b"wake up"]
+
+
+def test_threads_sharing_one_broker_get_every_message_exactly_once(broker: Broker) -> None:
+    # Given 400 waiting messages
+    broker.publish([Outgoing(QUEUE, str(n).encode()) for n in range(400)])
+    seen: list[list[bytes]] = [[] for _ in range(4)]
+
+    def drain(mine: list[bytes]) -> None:
+        while batch := broker.fetch([QUEUE], 5, timeout=0.05):
+            mine.extend(payloads(batch))
+            broker.ack(batch)
+
+    # When four threads drain the queue through one broker object
+    threads = [threading.Thread(target=drain, args=(mine,)) for mine in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(GENEROUS_TIMEOUT)
+
+    # Then each message was delivered once
+    assert sorted(int(p) for mine in seen for p in mine) == list(range(400))
+
+
+# delayed messages -----------------------------------------------------------------------
+
+
+def test_a_message_with_a_future_eta_waits_unfetched_but_counted(broker: Broker) -> None:
+    # Given a message due in a minute
+    broker.publish_one(QUEUE, b"later", eta=time.time() + 60)
+
+    # When a consumer fetches now
+    fetched = broker.fetch([QUEUE], 10, timeout=0)
+
+    # Then it gets nothing, yet the message is counted as waiting and as scheduled
+    assert fetched == []
+    assert broker.size(QUEUE) == 1
+    assert scheduled(broker) == 1
+
+
+def test_a_delayed_message_is_fetched_once_its_eta_passes(broker: Broker) -> None:
+    # Given a message due shortly
+    eta = time.time() + 0.3
+    broker.publish_one(QUEUE, b"soon", eta=eta)
+
+    # When a consumer waits for it
+    fetched = broker.fetch([QUEUE], 10, timeout=GENEROUS_TIMEOUT)
+
+    # Then it arrives, and not before its eta
+    assert payloads(fetched) == [b"soon"]
+    assert time.time() >= eta
+    assert scheduled(broker) == 0
+
+
+def test_a_message_with_a_past_eta_is_ready_at_once(broker: Broker) -> None:
+    # Given a message whose eta has already passed
+    broker.publish_one(QUEUE, b"overdue", eta=time.time() - 5)
+
+    # When a consumer fetches without waiting
+    fetched = broker.fetch([QUEUE], 10, timeout=0)
+
+    # Then it gets the message
+    assert payloads(fetched) == [b"overdue"]
+
+
+# release, ack, dead letters -----------------------------------------------------------
+
+
+def test_a_released_message_is_fetched_again_as_a_redelivery(broker: Broker) -> None:
+    # Given a fetched message
+    broker.publish_one(QUEUE, b"again")
+    first = broker.fetch([QUEUE], 1, timeout=1)
+
+    # When it is released
+    broker.release(first)
+
+    # Then it waits again and the next fetch gets it on its second attempt
+    assert broker.size(QUEUE) == 1
+    [second] = broker.fetch([QUEUE], 1, timeout=1)
+    assert (second.payload, second.attempts, second.redelivered) == (b"again", 2, True)
+
+
+def test_a_message_released_with_an_eta_stays_hidden_until_then(broker: Broker) -> None:
+    # Given a fetched message
+    broker.publish_one(QUEUE, b"retry me")
+    fetched = broker.fetch([QUEUE], 1, timeout=1)
+
+    # When it is released with an eta a minute away
+    broker.release(fetched, eta=time.time() + 60)
+
+    # Then it waits, scheduled, and no consumer gets it now
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+    assert (broker.size(QUEUE), scheduled(broker)) == (1, 1)
+
+
+def test_an_acked_message_is_gone_for_good(broker: Broker) -> None:
+    # Given three fetched messages, one of them released
+    broker.publish([Outgoing(QUEUE, bytes([n])) for n in range(3)])
+    fetched = broker.fetch([QUEUE], 3, timeout=1)
+    broker.release(fetched[2:])
+
+    # When the first two are acked in one batch
+    broker.ack(fetched[:2])
+
+    # Then only the released one is left, and acking twice changes nothing
+    broker.ack(fetched[:2])
+    assert broker.size(QUEUE) == 1
+    assert payloads(broker.fetch([QUEUE], 3, timeout=0)) == [bytes([2])]
+
+
+def test_a_dead_lettered_message_leaves_its_queue_and_keeps_its_reason(broker: Broker) -> None:
+    # Given a fetched message that cannot be processed
+    broker.publish_one(QUEUE, b"poison")
+    [delivery] = broker.fetch([QUEUE], 1, timeout=1)
+    before = time.time()
+
+    # When it is dead-lettered
+    broker.dead_letter(delivery, "unknown task 'nope'")
+
+    # Then no consumer gets it again, and the dead letters hold it with its reason
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+    assert broker.size(QUEUE) == 0
+    [letter] = broker.dead_letters()
+    assert (letter.queue, letter.payload, letter.reason) == (QUEUE, b"poison", "unknown task 'nope'")
+    assert before <= letter.when <= time.time()
+
+
+def test_dead_letters_are_listed_oldest_first_per_queue_up_to_a_limit(broker: Broker) -> None:
+    # Given dead letters from two queues
+    broker.publish([Outgoing("a", b"a1"), Outgoing("b", b"b1"), Outgoing("a", b"a2"), Outgoing("a", b"a3")])
+    for delivery in broker.fetch(["a", "b"], 10, timeout=1):
+        broker.dead_letter(delivery, "bad")
+
+    # When they are listed for one queue with a limit, and for all queues
+    some_of_a = broker.dead_letters("a", limit=2)
+    every_one = broker.dead_letters()
+
+    # Then each list keeps the order they were set aside in
+    assert [letter.payload for letter in some_of_a] == [b"a1", b"a2"]
+    assert [letter.payload for letter in every_one] == [b"a1", b"b1", b"a2", b"a3"]
+
+
+# purge and size -------------------------------------------------------------------------
+
+
+def test_purge_deletes_waiting_and_delayed_messages_but_not_leased_ones(broker: Broker) -> None:
+    # Given a queue with a leased, a waiting and a delayed message, and another queue
+    broker.publish([Outgoing(QUEUE, b"leased"), Outgoing(QUEUE, b"waiting"), Outgoing("other", b"kept")])
+    broker.publish_one(QUEUE, b"delayed", eta=time.time() + 60)
+    [leased] = broker.fetch([QUEUE], 1, timeout=1)
+
+    # When the queue is purged
+    purged = broker.purge(QUEUE)
+
+    # Then the waiting and delayed ones are gone, the leased one can still come back
+    assert purged == 2
+    assert (broker.size(QUEUE), broker.size("other")) == (0, 1)
+    broker.release([leased])
+    assert payloads(broker.fetch([QUEUE], 10, timeout=1)) == [b"leased"]
+
+
+def test_size_counts_the_waiting_messages_of_one_queue(broker: Broker) -> None:
+    # Given an unknown queue, and a queue with three messages, one of them leased
+    assert broker.size("never-used") == 0
+    broker.publish([Outgoing(QUEUE, bytes([n])) for n in range(3)])
+    broker.publish_one("other", b"elsewhere")
+    broker.fetch([QUEUE], 1, timeout=1)
+
+    # When it is sized, then only the two waiting ones count
+    assert broker.size(QUEUE) == 2
+
+
+# leases across consumers ----------------------------------------------------------------
+
+
+def test_a_message_fetched_by_one_consumer_is_not_fetched_by_another(make_broker: MakeBroker) -> None:
+    # Given two consumers and one message, fetched by the first
+    first, second = make_broker(), make_broker()
+    first.publish_one(QUEUE, b"mine")
+    assert payloads(first.fetch([QUEUE], 1, timeout=1)) == [b"mine"]
+
+    # When the second fetches and heartbeats
+    stolen = second.fetch([QUEUE], 1, timeout=0.1)
+    returned = second.heartbeat()
+
+    # Then it gets nothing and returns nothing: the first consumer is alive
+    assert (stolen, returned) == ([], 0)
+
+
+def test_a_silent_consumers_messages_are_returned_by_another_consumers_heartbeat(
+    make_broker: MakeBroker,
+) -> None:
+    # Given a consumer that leased two messages and then went silent, as if SIGKILLed
+    survivor = make_broker(lease_timeout=SHORT_LEASE)
+    silent = make_broker(lease_timeout=SHORT_LEASE)
+    survivor.publish([Outgoing(QUEUE, b"first", priority=2), Outgoing(QUEUE, b"second")])
+    assert len(silent.fetch([QUEUE], 2, timeout=1)) == 2
+    go_silent(silent)
+
+    # When a live consumer heartbeats until the silent one's lease lapses
+    returned = eventually(lambda: survivor.heartbeat())
+
+    # Then both messages are back, redelivered on their second attempt
+    assert returned == 2
+    fetched = survivor.fetch([QUEUE], 10, timeout=1)
+    assert [(d.payload, d.attempts, d.redelivered) for d in fetched] == [
+        (b"first", 2, True),
+        (b"second", 2, True),
+    ]
+
+
+def test_a_consumer_that_keeps_heartbeating_keeps_its_leases_past_the_lease_timeout(
+    make_broker: MakeBroker,
+) -> None:
+    # Given a consumer holding a message, with a short lease
+    holder = make_broker(lease_timeout=SHORT_LEASE)
+    other = make_broker(lease_timeout=SHORT_LEASE)
+    holder.publish_one(QUEUE, b"long task")
+    [held] = holder.fetch([QUEUE], 1, timeout=1)
+
+    # When it keeps heartbeating for three times the lease while another consumer watches
+    watch_until = time.monotonic() + 3 * SHORT_LEASE
+    while time.monotonic() < watch_until:
+        holder.heartbeat()
+
+        # Then the other consumer never gets the message back
+        assert other.heartbeat() == 0
+        assert other.fetch([QUEUE], 1, timeout=0.05) == []
+
+    # And the holder can still ack it
+    holder.ack([held])
+    assert holder.size(QUEUE) == 0
+
+
+# lifecycle and registry -----------------------------------------------------------------
+
+
+def test_a_closed_broker_can_be_used_again(broker: Broker) -> None:
+    # Given a broker that published and was closed
+    broker.publish_one(QUEUE, b"kept")
+    broker.close()
+
+    # When it is used again, then it still sees the message
+    assert payloads(broker.fetch([QUEUE], 1, timeout=1)) == [b"kept"]
+
+
+def test_the_registry_picks_the_broker_class_by_url_scheme(tmp_path: Path) -> None:
+    # Given URLs of each supported scheme, when their classes are looked up, then each is right
+    assert broker_class_for("memory://") is MemoryBroker
+    assert broker_class_for(_sqlite_url(tmp_path)) is SQLiteBroker
+    assert broker_class_for(f"sqla+sqlite:///{tmp_path}/x.db") is SQLiteBroker
+    assert broker_class_for(DEFAULT_BROKER_URL) is SQLiteBroker
+
+
+@pytest.mark.parametrize("url", ["kafka://user:secret@host/", "celeriac.db"])
+def test_an_unsupported_broker_url_is_refused_naming_the_supported_schemes(url: str) -> None:
+    # Given a URL no broker serves, when a broker is created for it
+    with pytest.raises(ImproperlyConfigured) as refused:
+        create_broker(url)
+
+    # Then the error lists what is supported and does not echo the URL's secrets
+    assert "memory, sqla+sqlite, sqlite" in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+# sqlite specifics ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_broker(tmp_path: Path) -> Iterator[SQLiteBroker]:
+    broker = SQLiteBroker(_sqlite_url(tmp_path))
+    yield broker
+    broker.close()
+
+
+def test_sqlite_messages_survive_closing_and_reopening_the_file(tmp_path: Path) -> None:
+    # Given messages published by a broker that is then closed
+    writer = SQLiteBroker(_sqlite_url(tmp_path))
+    writer.publish([Outgoing(QUEUE, b"durable"), Outgoing(QUEUE, b"later", eta=time.time() + 60)])
+    writer.close()
+
+    # When a new broker opens the same file
+    reader = SQLiteBroker(_sqlite_url(tmp_path))
+    try:
+        # Then it sees both messages
+        assert (reader.size(QUEUE), reader.scheduled(QUEUE)) == (2, 1)
+        assert payloads(reader.fetch([QUEUE], 10, timeout=1)) == [b"durable"]
+    finally:
+        reader.close()
+
+
+def test_sqlite_broker_puts_the_file_in_wal_mode_with_the_broker_tables(sqlite_broker: SQLiteBroker) -> None:
+    # Given a broker that has been used
+    sqlite_broker.publish_one(QUEUE, b"x")
+
+    # When the file is inspected
+    connection = sqlite3.connect(sqlite_broker.path)
+    try:
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        connection.close()
+
+    # Then it uses write-ahead logging and holds the broker's tables
+    assert mode == "wal"
+    assert {"celeriac_messages", "celeriac_consumers", "celeriac_dead_letters"} <= tables
+
+
+def test_a_relative_sqlite_url_names_a_file_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the current directory is a scratch directory
+    monkeypatch.chdir(tmp_path)
+
+    # When a broker is made from a relative URL
+    broker = create_broker("sqlite:///sub.db")
+
+    # Then its file lives there, as an absolute path
+    assert isinstance(broker, SQLiteBroker)
+    assert broker.path == str(tmp_path / "sub.db")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite://host/x.db", "sqlite:///:memory:"])
+def test_a_sqlite_url_without_a_file_is_refused(url: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match="must name a file"):
+        create_broker(url)
+
+
+def test_an_unknown_synchronous_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImproperlyConfigured, match="synchronous"):
+        create_broker(_sqlite_url(tmp_path), {"synchronous": "NORMAL; DROP TABLE x"})
+
+
+def _drain(source: SQLiteBroker | str, start: Any, results: Any) -> None:
+    """Fetch and ack until the queue is empty; report this consumer's id and what it saw."""
+    broker = source if isinstance(source, SQLiteBroker) else SQLiteBroker(source)
+    seen: list[tuple[int, int]] = []
+    start.wait(GENEROUS_TIMEOUT)
+    while True:
+        batch = broker.fetch([QUEUE], 7, timeout=0.05)
+        if not batch and broker.size(QUEUE) == 0:
+            break
+        seen.extend((int(d.payload), d.attempts) for d in batch)
+        broker.ack(batch)
+    results.put((broker.consumer_id, seen))
+    broker.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_many_processes_on_one_sqlite_file_get_every_message_exactly_once(
+    sqlite_broker: SQLiteBroker, start_method: str
+) -> None:
+    # Given 2,000 messages in one file, published through a connection the parent keeps open
+    total, workers = 2000, 3
+    sqlite_broker.publish([Outgoing(QUEUE, str(n).encode()) for n in range(total)])
+
+    # When three processes drain the queue at once (forked ones inherit the parent's broker)
+    context: Any = multiprocessing.get_context(start_method)
+    start, results = context.Barrier(workers), context.Queue()
+    source: SQLiteBroker | str = sqlite_broker if start_method == "fork" else sqlite_broker.url
+    processes = [context.Process(target=_drain, args=(source, start, results)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    reports = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(GENEROUS_TIMEOUT)
+
+    # Then every message was delivered once, on its first attempt, to distinct consumers that all took part
+    assert all(seen for _, seen in reports)
+    delivered = sorted(number for _, seen in reports for number, _ in seen)
+    assert delivered == list(range(total))
+    assert {attempts for _, seen in reports for _, attempts in seen} == {1}
+    consumer_ids = {consumer_id for consumer_id, _ in reports} | {sqlite_broker.consumer_id}
+    assert len(consumer_ids) == workers + 1
+    assert [process.exitcode for process in processes] == [0] * workers
+    assert sqlite_broker.size(QUEUE) == 0
+    results.close()
+    results.join_thread()
