@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from celeriac import _state, sending
 from celeriac.backends.base import ResultBackend
@@ -120,7 +120,7 @@ class Celery:
         name: str | None = ...,
         base: type[Task[Any, Any]] | None = ...,
         **options: Any,
-    ) -> Callable[[Callable[..., R]], Task[..., R]]: ...
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     @overload
     def task(

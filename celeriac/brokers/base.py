@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-DEFAULT_LEASE_TIMEOUT = 30.0
+DEFAULT_LEASE_TIMEOUT = 20.0  # with heartbeats every third of it, a dead worker's messages return within 27 s
 MAX_PRIORITY = 9
 
 
@@ -75,7 +75,7 @@ class Broker(ABC):
 
     Args:
         url: The broker URL; its scheme chose this class.
-        options: `broker_transport_options`; `lease_timeout` (seconds, default 30) is how long
+        options: `broker_transport_options`; `lease_timeout` (seconds, default 20) is how long
             a silent consumer keeps its leases, and `polling_interval` bounds idle waits.
     """
 

@@ -1,0 +1,200 @@
+"""Shared fixtures: real worker processes on real brokers, started per test in a scratch folder."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
+class WorkerProcess:
+    """A `celeriac worker` subprocess whose output is collected line by line."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        """Wait until a line containing `text` is printed; return that line."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"worker never printed {text!r}; output:\n" + "\n".join(self.lines))
+                self._changed.wait(min(remaining, 0.5))
+
+    def count(self, text: str) -> int:
+        with self._changed:
+            return sum(text in line for line in self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL the worker's main process (its children die with it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Warm shutdown; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Project:
+    """A scratch folder holding a tasks module, its app (imported here too), and its workers."""
+
+    def __init__(self, path: Path, module_name: str, module: ModuleType) -> None:
+        self.path = path
+        self.module_name = module_name
+        self.module = module
+        self.app = module.app
+        self.workers: list[WorkerProcess] = []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.path), str(ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def worker(self, *extra: str, pool: str = "prefork", concurrency: int = 2, ready: bool = True) -> WorkerProcess:
+        """Start a worker for this project's app and wait for it to be ready."""
+        args = [sys.executable, "-m", "celeriac", "-A", self.module_name, "worker", "--loglevel", "INFO",
+                "--pool", pool, "--concurrency", str(concurrency), *extra]
+        worker = WorkerProcess(args, self.path, self.env())
+        self.workers.append(worker)
+        if ready:
+            worker.wait_for("ready.")
+        return worker
+
+    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a command in the project folder with the package importable."""
+        return subprocess.run(
+            list(args), cwd=self.path, env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
+
+    def cleanup(self) -> None:
+        for worker in self.workers:
+            worker.cleanup()
+        self.app.close()
+        sys.modules.pop(self.module_name, None)
+
+
+APP_TEMPLATE = """
+import os
+import time
+from pathlib import Path
+
+from celeriac import Celery
+
+HERE = Path(__file__).resolve().parent
+app = Celery({name!r}, broker={broker!r}, backend={backend!r})
+app.conf.update({settings})
+"""
+
+
+@pytest.fixture
+def make_project(tmp_path: Path) -> Iterator[Callable[..., Project]]:
+    """Build a project: `make_project(tasks_source, broker=..., backend=..., **settings)`."""
+    made: list[Project] = []
+
+    def build(
+        source: str = "",
+        *,
+        broker: str | None = None,
+        backend: str | None = None,
+        **settings: Any,
+    ) -> Project:
+        name = f"proj{next(_counter)}_{os.getpid()}"
+        folder = tmp_path / name
+        folder.mkdir()
+        broker = broker or f"sqlite:///{folder / 'broker.db'}"
+        backend = backend if backend is not None else f"sqlite:///{folder / 'results.db'}"
+        settings.setdefault("broker_transport_options", {"lease_timeout": 3.0, "polling_interval": 0.05})
+        header = APP_TEMPLATE.format(name=name, broker=broker, backend=backend or None, settings=settings)
+        (folder / f"{name}.py").write_text(header + textwrap.dedent(source))
+        sys.path.insert(0, str(folder))
+        try:
+            module = importlib.import_module(name)
+        finally:
+            sys.path.remove(str(folder))
+        project = Project(folder, name, module)
+        made.append(project)
+        return project
+
+    yield build
+    for project in made:
+        project.cleanup()
