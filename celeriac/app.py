@@ -255,7 +255,7 @@ class Celery:
             },
             properties=self._properties(task_id, priority),
         )
-        self._publish(message, task, queue, priority, when)
+        self._publish(message, task, queue, priority, when, serializer)
         return AsyncResult(task_id, app=self)
 
     def _properties(self, task_id: str, priority: int | None) -> dict[str, Any]:
@@ -275,9 +275,12 @@ class Celery:
         queue: str | None,
         priority: int | None,
         eta: datetime | None,
+        serializer_name: str | None = None,
     ) -> None:
         serializer = serializers.by_name(
-            (task.serializer if task is not None and task.serializer else None) or self.conf.task_serializer
+            serializer_name
+            or (task.serializer if task is not None and task.serializer else None)
+            or self.conf.task_serializer
         )
         target = queue or self.router.queue_for(message.name, message.args, message.kwargs)
         try:

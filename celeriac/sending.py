@@ -57,10 +57,12 @@ def resolve_eta(countdown: float | None, eta: datetime | None, assume_utc: bool)
     return as_utc(eta, assume_utc) if eta is not None else None
 
 
-def resolve_expires(expires: float | datetime | None, assume_utc: bool) -> datetime | None:
-    """Turn `expires` (seconds from now, or a time) into an aware time."""
+def resolve_expires(expires: float | datetime | str | None, assume_utc: bool) -> datetime | None:
+    """Turn `expires` (seconds from now, a time, or an ISO time as a retry resends it) into an aware time."""
     if expires is None:
         return None
+    if isinstance(expires, str):  # a running task's request.expires is the header's ISO string
+        expires = datetime.fromisoformat(expires)
     if isinstance(expires, datetime):
         return as_utc(expires, assume_utc)
     return datetime.now(UTC) + timedelta(seconds=float(expires))

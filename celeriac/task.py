@@ -351,7 +351,9 @@ def build_task_class(
         "__doc__": fun.__doc__,
         "__module__": fun.__module__,
         "__qualname__": getattr(fun, "__qualname__", fun.__name__),
-        "__wrapped__": fun,
+        # As Celery does: read through the instance, an unbound task's __wrapped__ is the plain
+        # function (a bare `fun` here would bind it and hide its first parameter).
+        "__wrapped__": fun if bind else staticmethod(fun),
         "__annotations__": getattr(fun, "__annotations__", {}),
     }
     for key, value in options.items():

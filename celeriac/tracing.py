@@ -87,7 +87,10 @@ class Tracer:
             return
         ignored = request.ignore_result or self.task.ignore_result
         failing = state in states.EXCEPTION_STATES
-        if ignored and not (failing and self.task.store_errors_even_if_ignored):
+        keep_errors = self.task.store_errors_even_if_ignored
+        if keep_errors is None:
+            keep_errors = self.task.app.conf.task_store_errors_even_if_ignored
+        if ignored and not (failing and keep_errors):
             return
         self.backend.store_result(
             request.id, value, state, traceback=trace, extra=_extended(self.task, request)
@@ -114,7 +117,7 @@ class Tracer:
         trace = tb.format_exc()
         self._store(request, reason, states.RETRY, trace)
         self._handler(self.task.on_retry, reason, request, trace)
-        self._after(states.RETRY, reason, request, trace)
+        # No after_return: as in Celery (IGNORE_STATES), a retry is not the task's return.
         return Outcome(states.RETRY, signal, time.perf_counter() - started, trace)
 
     def _handler(self, hook: Any, exc: BaseException, request: Request, trace: str) -> None:

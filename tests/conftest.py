@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import os
@@ -42,6 +43,7 @@ class WorkerProcess:
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
         self.args = args
         self.lines: list[str] = []
+        self._terminated = False
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
             args,
@@ -87,6 +89,8 @@ class WorkerProcess:
             return sum(text in line for line in self.lines)
 
     def signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            self._terminated = True
         self.proc.send_signal(signum)
 
     def kill(self) -> None:
@@ -96,19 +100,17 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60.0) -> int:
-        """Warm shutdown; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """Warm shutdown (unless one was already asked for); return the exit code."""
+        if self.proc.poll() is None and not self._terminated:
+            self.signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=5)
         return code
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -130,10 +132,25 @@ class Project:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def worker(self, *extra: str, pool: str = "prefork", concurrency: int = 2, ready: bool = True) -> WorkerProcess:
+    def worker(
+        self, *extra: str, pool: str = "prefork", concurrency: int = 2, ready: bool = True
+    ) -> WorkerProcess:
         """Start a worker for this project's app and wait for it to be ready."""
-        args = [sys.executable, "-m", "celeriac", "-A", self.module_name, "worker", "--loglevel", "INFO",
-                "--pool", pool, "--concurrency", str(concurrency), *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "celeriac",
+            "-A",
+            self.module_name,
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            *extra,
+        ]
         worker = WorkerProcess(args, self.path, self.env())
         self.workers.append(worker)
         if ready:

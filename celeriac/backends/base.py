@@ -156,7 +156,7 @@ class ResultBackend(ABC):
             TimeoutError: `timeout` seconds passed first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = min(0.005, interval)
+        pause = min(0.0005, interval)
         while True:
             meta = self.get_meta(task_id)
             if meta["status"] in states.READY_STATES:

@@ -67,6 +67,20 @@ _CLEANUP = "DELETE FROM celeriac_results WHERE expires_at <= ?"
 _INHERITED: list[sqlite3.Connection] = []
 
 
+def _use_wal(connection: sqlite3.Connection) -> None:
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+    # locked" at once (without waiting busy_timeout) while another process opens it at the
+    # same moment; look again until the file is in WAL mode, for up to BUSY_TIMEOUT.
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def database_path(url: str) -> str:
     """Turn a ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` URL into an absolute path.
 
@@ -161,9 +175,7 @@ class SQLiteBackend(ResultBackend):
         connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         # Switching to WAL takes an exclusive lock; skip it when another process
         # (or the broker sharing this file) already did, as is usual.
-        (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
-        if str(mode).lower() != "wal":
-            connection.execute("PRAGMA journal_mode = WAL")
+        _use_wal(connection)
         connection.execute("PRAGMA synchronous = NORMAL")
         for statement in _SCHEMA:
             connection.execute(statement)

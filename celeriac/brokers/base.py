@@ -85,7 +85,7 @@ class Broker(ABC):
         self.url = url
         self.options: dict[str, Any] = dict(options or {})
         self.lease_timeout = float(self.options.get("lease_timeout", DEFAULT_LEASE_TIMEOUT))
-        self.polling_interval = float(self.options.get("polling_interval", 0.1))
+        self.polling_interval = float(self.options.get("polling_interval", 0.05))
         self.consumer_id = make_consumer_id()
 
     # producing -------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def poll_until(fetch_once: Callable[[], list[Delivery]], timeout: float, ceiling
     if found or timeout <= 0:
         return found
     deadline = time.monotonic() + timeout
-    pause = min(0.002, ceiling)
+    pause = min(0.0005, ceiling)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

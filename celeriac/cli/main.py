@@ -70,7 +70,10 @@ def worker(
     from celeriac.worker.logs import setup_logging
     from celeriac.worker.worker import Worker
 
-    setup_logging(loglevel)
+    try:
+        setup_logging(loglevel)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'-l' / '--loglevel'") from exc
     app = obj.app()
     Worker(
         app,

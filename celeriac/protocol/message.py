@@ -121,9 +121,21 @@ def decode_task(envelope: Envelope, accept: frozenset[str]) -> TaskMessage:
     if not isinstance(body, list | tuple) or len(body) != 3:
         raise ProtocolError("task body is not [args, kwargs, embed]")
     args, kwargs, embed = body
-    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-        raise ProtocolError("task body args must be a list and kwargs an object")
-    return TaskMessage(headers, args, kwargs, embed or {}, envelope.properties)
+    embed = embed or {}
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
+        raise ProtocolError("task body args must be a list, kwargs an object and embed an object or null")
+    message = TaskMessage(headers, args, kwargs, embed, envelope.properties)
+    _check_headers(message)
+    return message
+
+
+def _check_headers(message: TaskMessage) -> None:
+    """Read now every header the worker acts on, so a malformed one is refused instead of crashing it."""
+    try:
+        _ = message.eta, message.expires, message.retries, message.priority
+        _ = [float(limit) for limit in message.timelimit if limit is not None]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed task header: {exc}") from exc
 
 
 def pack(envelope: Envelope, routing_key: str, exchange: str = "") -> bytes:
@@ -139,7 +151,7 @@ def pack(envelope: Envelope, routing_key: str, exchange: str = "") -> bytes:
         "headers": envelope.headers,
         "properties": properties,
     }
-    return serializers.json_dumps(document)
+    return serializers.json_dumps_envelope(document)
 
 
 def unpack(raw: bytes | str) -> Envelope:
@@ -151,6 +163,9 @@ def unpack(raw: bytes | str) -> Envelope:
     if not isinstance(document, dict) or "body" not in document:
         raise ProtocolError("message is not a kombu envelope: no 'body'")
     properties = document.get("properties") or {}
+    headers = document.get("headers") or {}
+    if not isinstance(properties, dict) or not isinstance(headers, dict):
+        raise ProtocolError("message is not a kombu envelope: headers and properties must be objects")
     body = document["body"]
     try:
         raw_body = _body_bytes(body, properties.get("body_encoding"))
@@ -160,7 +175,7 @@ def unpack(raw: bytes | str) -> Envelope:
         body=raw_body,
         content_type=str(document.get("content-type") or serializers.JSON_TYPE),
         content_encoding=str(document.get("content-encoding") or "utf-8"),
-        headers=document.get("headers") or {},
+        headers=headers,
         properties=properties,
     )
 

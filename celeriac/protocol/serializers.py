@@ -64,8 +64,13 @@ def _bytes_tag(raw: bytes) -> dict[str, Any]:
         return _tagged("base64", base64.b64encode(raw).decode("ascii"))
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _tag_uuids(obj: Any) -> Any:
     # orjson writes UUIDs as bare strings with no way to intercept them, so tag them first.
+    if type(obj) in _SCALARS:
+        return obj
     if isinstance(obj, uuid.UUID):
         return _tagged("uuid", {"hex": obj.hex, "version": obj.version})
     if isinstance(obj, list | tuple):
@@ -80,6 +85,11 @@ def _tag_uuids(obj: Any) -> Any:
 def json_dumps(obj: Any) -> bytes:
     """Encode `obj` as JSON bytes, tagging the types JSON lacks as kombu does."""
     return orjson.dumps(_tag_uuids(obj), default=_json_default, option=_ORJSON_OPTIONS)
+
+
+def json_dumps_envelope(obj: Any) -> bytes:
+    """Encode a document celeriac built itself (an envelope): like `json_dumps`, minus the UUID walk."""
+    return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
 
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import states
 from celeriac.brokers.base import Broker, Delivery
-from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError
+from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError, WorkerLostError
 from celeriac.protocol.message import TaskMessage, decode_task, unpack
 from celeriac.worker.execution import is_expired, revoke_expired
 from celeriac.worker.jobs import Completion, Job
@@ -77,8 +77,8 @@ class Consumer:
 
     def _fetch(self) -> None:
         budget = self.settings.prefetch_limit - len(self.reserved) - len(self.active)
-        if budget <= 0:
-            return
+        if budget <= 0 or (self.reserved and budget < self.settings.prefetch_limit // 2):
+            return  # top up in batches, not one message per finished task
         busy = bool(self.reserved or self.active)
         timeout = 0.0 if busy else self.settings.idle_wait
         for delivery in self.broker.fetch(self.settings.queues, budget, timeout):
@@ -117,6 +117,7 @@ class Consumer:
         if delivery.attempts > self.settings.max_deliveries:
             reason = f"delivered {delivery.attempts} times without completing (max_deliveries)"
             self.dead_letter(delivery, reason)
+            self._store_failure(message, WorkerLostError(f"Task given up: {reason}"))
             return False
         eta = message.eta
         if eta is not None and eta.timestamp() > time.time() + 0.001:

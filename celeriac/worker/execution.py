@@ -84,7 +84,8 @@ def execute(app: Celery, job: Job) -> Completion:
         return Completion(job.key, states.REVOKED, 0.0, "expired")
     request = build_request(job, task)
     backend = app.backend
-    if backend is not None and _tracks_started(app, task) and not request.ignore_result:
+    ignored = request.ignore_result or task.ignore_result  # as the Tracer decides; else STARTED sticks
+    if backend is not None and _tracks_started(app, task) and not ignored:
         backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
     outcome = Tracer(task, backend).run(request, request.args, request.kwargs)
     return Completion(

@@ -11,9 +11,9 @@ FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 def setup_logging(level: str | int) -> None:
     """Send celeriac's and the tasks' logs to stderr at `level`."""
     if isinstance(level, str):
-        level = logging.getLevelName(level.upper())
+        name, level = level, logging.getLevelName(level.upper())
         if not isinstance(level, int):
-            raise ValueError(f"unknown log level {level!r}")
+            raise ValueError(f"unknown log level {name!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -183,8 +183,9 @@ class Worker:
         if self._warm.is_set():
             self._on_cold_signal(signum, frame)
             return
-        logger.warning("worker: Warm shutdown (MainProcess)")
+        # Set before logging: a second signal handled while the warning is written must be cold.
         self._warm.set()
+        logger.warning("worker: Warm shutdown (MainProcess)")
 
     def _on_cold_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.warning("worker: Cold shutdown (MainProcess)")

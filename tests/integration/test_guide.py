@@ -33,7 +33,17 @@ def _env() -> dict[str, str]:
 
 def _start_guide_worker(folder: Path) -> WorkerProcess:
     # The guide's command: `celery -A tasks worker --loglevel=info`, with our program name.
-    args = [sys.executable, "-m", "celeriac", "-A", "tasks", "worker", "--loglevel=info", "--concurrency", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "celeriac",
+        "-A",
+        "tasks",
+        "worker",
+        "--loglevel=info",
+        "--concurrency",
+        "2",
+    ]
     worker = WorkerProcess(args, folder, _env())
     worker.wait_for("ready.")
     return worker
@@ -45,7 +55,11 @@ def test_the_guide_examples_run_unchanged_but_for_the_import(guide_project: Path
     try:
         # When the guide's call_tasks.py runs
         done = subprocess.run(
-            [sys.executable, "call_tasks.py"], cwd=guide_project, env=_env(), capture_output=True, text=True,
+            [sys.executable, "call_tasks.py"],
+            cwd=guide_project,
+            env=_env(),
+            capture_output=True,
+            text=True,
             timeout=60,
         )
         # Then it prints what the guide says it prints, ids aside
@@ -55,7 +69,7 @@ def test_the_guide_examples_run_unchanged_but_for_the_import(guide_project: Path
         caller_lines = [line for line in expected if not line.startswith(("Sending", "Welcome"))]
         assert len(printed) == len(caller_lines)
         for got, want in zip(printed, caller_lines, strict=True):
-            label, _, value = want.partition(": ")
+            label, _, _value = want.partition(": ")
             assert got.startswith(label + ": ")
             if label.endswith("ID"):
                 assert UUID.match(got.split(": ", 1)[1])
@@ -102,7 +116,12 @@ def test_the_guide_backend_may_be_spelt_the_celery_way(guide_project: Path) -> N
             "print(send_welcome_email.delay('a@b.c', 'A').get(timeout=20))\n"
         )
         done = subprocess.run(
-            [sys.executable, "-c", check], cwd=guide_project, env=_env(), capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", check],
+            cwd=guide_project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         # Then the result comes back from results.db
         assert done.returncode == 0, done.stderr

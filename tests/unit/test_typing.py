@@ -37,7 +37,16 @@ def test_mypy_checks_task_arguments_and_result_types(tmp_path: Path) -> None:
     # When mypy --strict checks it
     env = dict(os.environ, MYPYPATH=str(ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull, str(module)],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--cache-dir",
+            os.devnull,
+            str(module),
+        ],
         capture_output=True,
         text=True,
         env=env,
