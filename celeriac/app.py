@@ -15,7 +15,7 @@ from celeriac.backends.registry import create_backend
 from celeriac.brokers.base import Broker
 from celeriac.brokers.registry import DEFAULT_BROKER_URL, create_broker
 from celeriac.config import Settings
-from celeriac.exceptions import BackendError, NotRegistered
+from celeriac.exceptions import BackendNotConfigured, NotRegistered
 from celeriac.protocol import serializers
 from celeriac.protocol.message import TaskMessage, new_id
 from celeriac.request import current_request
@@ -342,7 +342,7 @@ class Celery:
         """Return the result backend, or say how to configure one."""
         backend = self.backend
         if backend is None:
-            raise BackendError(
+            raise BackendNotConfigured(
                 "No result backend is configured. Set one to store and read results, e.g. "
                 "Celery('tasks', backend='sqlite:///results.db') or "
                 "app.conf.result_backend = 'redis://localhost:6379/0'."

@@ -38,6 +38,10 @@ class BackendError(CeleriacError):
     """The result backend failed, or none is configured where one is needed."""
 
 
+class BackendNotConfigured(BackendError, NotImplementedError):
+    """A result was asked for but no result backend is set (Celery raises NotImplementedError here)."""
+
+
 class TimeoutError(CeleriacError):
     """The operation timed out."""
 

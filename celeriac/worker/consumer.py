@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
 from celeriac.brokers.base import Broker, Delivery
 from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError, WorkerLostError
 from celeriac.protocol.message import TaskMessage, decode_task, unpack
-from celeriac.worker.execution import is_expired, revoke_expired
+from celeriac.worker.execution import is_expired, revoke_expired, settle
 from celeriac.worker.jobs import Completion, Job
 from celeriac.worker.pools.base import Pool
 
@@ -40,13 +40,6 @@ class Settings:
     idle_wait: float = 1.0
 
 
-@dataclass(slots=True)
-class _Held:
-    job: Job
-    delivery: Delivery
-    acks_late: bool
-
-
 class Consumer:
     """Moves messages from the broker through the pool and acks them."""
 
@@ -56,10 +49,9 @@ class Consumer:
         self.pool = pool
         self.settings = settings
         self.accept = app.accept_content
-        self.reserved: deque[_Held] = deque()
-        self.active: dict[int, _Held] = {}
+        self.reserved: deque[Job] = deque()
+        self.active: dict[int, Job] = {}
         self.processed = 0
-        self._acks: list[Delivery] = []
         self._next_key = 0
 
     # the loop --------------------------------------------------------------------------
@@ -69,11 +61,9 @@ class Consumer:
         if fetching:
             self._fetch()
         self._dispatch()
-        self.flush_acks()
         waiting = bool(self.reserved) and self.pool.free_slots() > 0
         for completion in self.pool.collect(0.0 if waiting else 0.5):
             self._complete(completion)
-        self.flush_acks()
 
     def _fetch(self) -> None:
         budget = self.settings.prefetch_limit - len(self.reserved) - len(self.active)
@@ -84,12 +74,6 @@ class Consumer:
         for delivery in self.broker.fetch(self.settings.queues, budget, timeout):
             self._receive(delivery)
 
-    def flush_acks(self) -> None:
-        """Ack everything acked since the last flush, in one broker call."""
-        if self._acks:
-            acks, self._acks = self._acks, []
-            self.broker.ack(acks)
-
     # receiving -------------------------------------------------------------------------
 
     def _receive(self, delivery: Delivery) -> None:
@@ -98,7 +82,7 @@ class Consumer:
             return
         task = self.app.tasks[message.name]
         logger.info("Task %s[%s] received", message.name, message.id)
-        self.reserved.append(_Held(self._job(delivery, message, task), delivery, self._acks_late(task)))
+        self.reserved.append(self._job(delivery, message, task))
 
     def _decode(self, delivery: Delivery) -> TaskMessage | None:
         try:
@@ -107,6 +91,9 @@ class Consumer:
             self.dead_letter(delivery, str(exc))
         except ProtocolError as exc:
             self.dead_letter(delivery, f"undecodable message: {exc}")
+        except Exception as exc:  # decoding does no I/O, so any other error is the message's fault
+            logger.exception("Unexpected error while decoding a message from %r", delivery.queue)
+            self.dead_letter(delivery, f"undecodable message: {type(exc).__name__}: {exc}")
         return None
 
     def _vet(self, delivery: Delivery, message: TaskMessage) -> bool:
@@ -142,6 +129,7 @@ class Consumer:
         return Job(
             key=self._next_key,
             message=message,
+            delivery=replace(delivery, payload=b""),  # the job carries the decoded message instead
             delivery_info={
                 "exchange": "",
                 "routing_key": delivery.queue,
@@ -151,64 +139,60 @@ class Consumer:
             hostname=self.settings.hostname,
             soft_limit=_first(soft, task.soft_time_limit, conf.task_soft_time_limit),
             hard_limit=_first(hard, task.time_limit, conf.task_time_limit),
+            acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
+            ack_failures=bool(
+                conf.task_acks_on_failure_or_timeout
+                if task.acks_on_failure_or_timeout is None
+                else task.acks_on_failure_or_timeout
+            ),
         )
-
-    def _acks_late(self, task: Task[Any, Any]) -> bool:
-        return bool(task.acks_late if task.acks_late is not None else self.app.conf.task_acks_late)
 
     # running ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         while self.reserved and self.pool.free_slots() > 0:
-            held = self.reserved.popleft()
-            message = held.job.message
+            job = self.reserved.popleft()
+            message = job.message
             if is_expired(message):
                 logger.info("Task %s[%s] expired: revoked", message.name, message.id)
                 revoke_expired(self.app, message)
-                self._acks.append(held.delivery)
+                self.broker.ack([job.delivery])
                 continue
-            if not held.acks_late:
-                self._acks.append(held.delivery)
-            self.active[held.job.key] = held
-            self.pool.submit(held.job)
+            self.active[job.key] = job
+            self.pool.submit(job)  # the pool's process acks it when the task starts (or ends)
 
     def _complete(self, completion: Completion) -> None:
-        held = self.active.pop(completion.key, None)
-        if held is None:
+        job = self.active.pop(completion.key, None)
+        if job is None:
             return
         self.processed += 1
-        log_completion(held.job.message, completion)
-        if not held.acks_late:
-            return
-        if completion.requeue:
-            self.broker.release([held.delivery])
-        elif completion.state == states.FAILURE and not self._ack_failures(held):
-            self.dead_letter(held.delivery, f"task failed: {completion.summary}")
-        else:
-            self._acks.append(held.delivery)
-
-    def _ack_failures(self, held: _Held) -> bool:
-        task = self.app.tasks.get(held.job.message.name)
-        flag = getattr(task, "acks_on_failure_or_timeout", None)
-        return bool(self.app.conf.task_acks_on_failure_or_timeout if flag is None else flag)
+        log_completion(job.message, completion)
+        if not completion.settled:
+            if completion.state == states.FAILURE and job.acks_late and not job.ack_failures:
+                logger.error(
+                    "Message of %s[%s] moved to the dead-letter queue", job.message.name, job.message.id
+                )
+            settle(self.broker, job, completion)
 
     # stopping --------------------------------------------------------------------------
 
     def release_reserved(self) -> int:
         """Give prefetched, unstarted messages back to the queue; return how many."""
-        deliveries = [held.delivery for held in self.reserved]
+        deliveries = [job.delivery for job in self.reserved]
         self.reserved.clear()
         if deliveries:
             self.broker.release(deliveries)
         return len(deliveries)
 
-    def release_active(self) -> int:
-        """Give back the messages of running tasks that are not acked yet (cold shutdown)."""
-        unacked = [held.delivery for held in self.active.values() if held.acks_late]
+    def release_active(self) -> None:
+        """Give back the messages of stopped tasks that were not acked yet (cold shutdown).
+
+        Messages already acked (early ack) are gone from the broker; releasing them does nothing.
+        """
+        deliveries = [job.delivery for job in self.active.values()]
         self.active.clear()
-        if unacked:
-            self.broker.release(unacked)
-        return len(unacked)
+        if deliveries:
+            self.broker.release(deliveries)
 
 
 def _first(*values: float | None) -> float | None:

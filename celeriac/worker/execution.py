@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
+from celeriac.brokers.base import Broker
 from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol.message import TaskMessage, short_repr
 from celeriac.request import Request
@@ -75,13 +76,37 @@ def revoke_expired(app: Celery, message: TaskMessage) -> None:
         backend.store_result(message.id, TaskRevokedError("expired"), states.REVOKED)
 
 
+def settle(broker: Broker, job: Job, completion: Completion) -> None:
+    """Ack, requeue or dead-letter a finished job's message, as its ack policy says."""
+    if completion.requeue:
+        broker.release([job.delivery])
+    elif completion.state == states.FAILURE and job.acks_late and not job.ack_failures:
+        reason = f"task failed: {completion.summary}"
+        logger.error("Message from queue %r moved to the dead-letter queue: %s", job.delivery.queue, reason)
+        broker.dead_letter(job.delivery, reason)
+    else:
+        broker.ack([job.delivery])
+
+
 def execute(app: Celery, job: Job) -> Completion:
-    """Run `job` and store its outcome; never raises for a task's own failure."""
+    """Run `job`, store its outcome and settle its message; never raises for a task's own failure."""
     message = job.message
     task = app.tasks[message.name]
+    broker = app.broker
     if is_expired(message):
         revoke_expired(app, message)
+        broker.ack([job.delivery])
         return Completion(job.key, states.REVOKED, 0.0, "expired")
+    if not job.acks_late:
+        broker.ack([job.delivery])  # early ack: the message is gone before the task starts
+    completion = _run(app, job, task)
+    if job.acks_late:
+        settle(broker, job, completion)
+    return completion
+
+
+def _run(app: Celery, job: Job, task: Task[Any, Any]) -> Completion:
+    message = job.message
     request = build_request(job, task)
     backend = app.backend
     ignored = request.ignore_result or task.ignore_result  # as the Tracer decides; else STARTED sticks
@@ -113,7 +138,12 @@ def execute_safely(app: Celery, job: Job) -> Completion:
         logger.error("Task %s[%s] could not be run: %r", job.message.name, job.message.id, exc)
         _store_failure(app, job.message, exc)
         return Completion(
-            job.key, states.FAILURE, time.perf_counter() - started, short_repr(exc), tb.format_exc()
+            job.key,
+            states.FAILURE,
+            time.perf_counter() - started,
+            short_repr(exc),
+            tb.format_exc(),
+            settled=False,
         )
 
 

@@ -5,24 +5,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from celeriac.brokers.base import Delivery
 from celeriac.protocol.message import TaskMessage
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One task run to perform; picklable, so it crosses into a prefork child."""
+    """One task run to perform; picklable, so it crosses into a prefork child.
+
+    `delivery` is the leased message without its payload: the process that runs the job
+    acks it (just before the task starts, or after it ends with `acks_late`).
+    """
 
     key: int
     message: TaskMessage
+    delivery: Delivery
     delivery_info: dict[str, Any]
     hostname: str
     soft_limit: float | None
     hard_limit: float | None
+    acks_late: bool = False
+    ack_failures: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """How a job ended, reduced to what the consumer needs to log and ack."""
+    """How a job ended, reduced to what the consumer needs to log it.
+
+    `settled` is False when the message still needs acking, releasing or dead-lettering
+    (the job's process died, or was stopped at its hard time limit).
+    """
 
     key: int
     state: str
@@ -31,3 +43,4 @@ class Completion:
     traceback: str | None = None
     requeue: bool = False
     worker_lost: bool = False
+    settled: bool = True

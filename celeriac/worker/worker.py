@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from celeriac.exceptions import ImproperlyConfigured
 from celeriac.worker import banner
 from celeriac.worker.consumer import Consumer, Settings
 from celeriac.worker.pools import create_pool
@@ -66,7 +67,11 @@ class Worker:
     ) -> None:
         self.app = app
         self.hostname = expand_hostname(hostname)
-        self.pool_kind = "solo" if pool == "solo" else pool
+        self.pool_kind = pool
+        if pool == "prefork" and app.broker_url.startswith("memory:"):
+            raise ImproperlyConfigured(
+                "the memory:// broker lives in one process: use --pool threads or solo"
+            )
         size = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
         self.concurrency = 1 if pool == "solo" else int(size)
         self.queues = tuple(queues or (app.conf.task_default_queue,))
@@ -127,7 +132,6 @@ class Worker:
             consumer.release_active()
         else:
             consumer.pool.stop(cold=False)
-        consumer.flush_acks()
         self.app.close()
         logger.info("%s stopped.", self.hostname)
 

@@ -175,13 +175,15 @@ def test_a_warm_shutdown_loses_nothing_and_runs_nothing_twice(make_project: Proj
     release(project, "go")
 
     # Then it exits cleanly, having finished what it started and given back what it had prefetched
+    # (a prefork child may hold one more job in its pipe than it runs; those finish too)
     assert exits_within(first, 30) == 0
     first.wait_for(" stopped.")
-    assert sorted(int(line) for line in runs(project)) == list(range(52))
-    assert first.count("succeeded") == 52
+    finished = first.count("succeeded")
+    assert 52 <= finished <= 52 + 2
+    assert sorted(int(line) for line in runs(project)) == list(range(finished))
     prefetched = int(returned.split("Returned ")[1].split()[0])
-    assert prefetched == first.count("received") - 52 > 0
-    assert project.app.broker.size(QUEUE) == 200 - 52
+    assert prefetched == first.count("received") - finished > 0
+    assert project.app.broker.size(QUEUE) == 200 - finished
 
     # And a second worker finishes the rest: every task succeeded, each exactly once
     project.worker("--prefetch-multiplier", "4", concurrency=2)

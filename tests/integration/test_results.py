@@ -283,6 +283,9 @@ def test_get_without_a_result_backend_says_how_to_configure_one(make_project: An
     assert "result_backend" in message
     with pytest.raises(BackendError):
         _ = result.state
+    # And code written for Celery, which catches NotImplementedError here, still does
+    with pytest.raises(NotImplementedError):
+        result.get(timeout=1)
 
 
 def test_store_errors_even_if_ignored_keeps_the_failures_of_ignored_tasks(make_project: Any) -> None:

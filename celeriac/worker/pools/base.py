@@ -106,7 +106,7 @@ def hard_limit_completion(app: Celery, job: Job, runtime: float) -> Completion:
     logger.error(
         "Hard time limit (%ss) exceeded for %s[%s]", job.hard_limit, job.message.name, job.message.id
     )
-    return Completion(job.key, states.FAILURE, runtime, repr(error))
+    return Completion(job.key, states.FAILURE, runtime, repr(error), settled=False)
 
 
 def lost_completion(app: Celery, job: Job, runtime: float, detail: str, requeue: bool) -> Completion:
@@ -114,4 +114,6 @@ def lost_completion(app: Celery, job: Job, runtime: float, detail: str, requeue:
     error = WorkerLostError(f"Worker exited prematurely: {detail}.")
     if not requeue:
         record_failure(app, job, error)
-    return Completion(job.key, states.FAILURE, runtime, repr(error), requeue=requeue, worker_lost=True)
+    return Completion(
+        job.key, states.FAILURE, runtime, repr(error), requeue=requeue, worker_lost=True, settled=False
+    )

@@ -1,4 +1,4 @@
-"""The prefork pool: N forked child processes, one job at a time each.
+"""The prefork pool: N forked child processes, each running one job at a time.
 
 The parent keeps the broker leases and the acks; a child only runs jobs and stores
 their outcomes. A child that passes a job's hard time limit is killed and replaced;
@@ -15,7 +15,8 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
@@ -62,15 +63,28 @@ def _child_main(app: Celery, conn: Connection, parent_pid: int) -> None:
 class _Child:
     process: BaseProcess
     conn: Connection
-    job: Job | None = None
-    started: float = 0.0
+    jobs: deque[Job] = field(default_factory=deque)
+    started: float = 0.0  # when the job at the head of `jobs` began
     deadlines: Deadlines | None = None
+
+    def begin_head(self) -> None:
+        """Start the clock of the job at the head of the pipe."""
+        self.started = time.monotonic()
+        head = self.jobs[0] if self.jobs else None
+        # The child enforces the soft limit itself; the parent watches only the hard one.
+        hard = self.started + head.hard_limit if head is not None and head.hard_limit else None
+        self.deadlines = Deadlines(None, hard)
 
 
 class PreforkPool(Pool):
-    """`size` child processes fed one job at a time through a pipe each."""
+    """`size` child processes, each fed through its own pipe, `DEPTH` jobs in flight per child.
+
+    A queued second job saves the child a round trip through the parent; it is not acked
+    until the child starts it, so it survives any crash.
+    """
 
     name = "prefork"
+    DEPTH = 2
 
     def __init__(self, app: Celery, size: int) -> None:
         super().__init__(app, size)
@@ -94,21 +108,20 @@ class PreforkPool(Pool):
         return [child.process.pid for child in self._children if child.process.pid is not None]
 
     def free_slots(self) -> int:
-        return sum(1 for child in self._children if child.job is None)
+        return sum(self.DEPTH - len(child.jobs) for child in self._children)
 
     def submit(self, job: Job) -> None:
-        child = next(child for child in self._children if child.job is None)
-        child.job = job
-        child.started = time.monotonic()
-        # The child enforces the soft limit itself; the parent watches only the hard one.
-        child.deadlines = Deadlines(None, child.started + job.hard_limit if job.hard_limit else None)
+        child = min(self._children, key=lambda candidate: len(candidate.jobs))
+        self._send(child, job)
+
+    def _send(self, child: _Child, job: Job) -> None:
+        child.jobs.append(job)
+        if len(child.jobs) == 1:
+            child.begin_head()
         child.conn.send(job)
 
-    def _busy(self) -> list[_Child]:
-        return [child for child in self._children if child.job is not None]
-
     def collect(self, timeout: float) -> list[Completion]:
-        busy = self._busy()
+        busy = [child for child in self._children if child.jobs]
         if not busy:
             return []
         deadlines = [child.deadlines for child in busy if child.deadlines is not None]
@@ -117,29 +130,29 @@ class PreforkPool(Pool):
         wait(waitables, wait_bound(timeout, deadlines))  # type: ignore[arg-type]
         finished: list[Completion] = []
         for child in busy:
-            completion = self._check(child)
-            if completion is not None:
-                finished.append(completion)
+            finished.extend(self._check(child))
         return finished
 
-    def _check(self, child: _Child) -> Completion | None:
-        job = child.job
-        assert job is not None
-        if child.conn.poll():
+    def _check(self, child: _Child) -> list[Completion]:
+        finished: list[Completion] = []
+        while child.jobs and child.conn.poll():
             try:
-                completion: Completion = child.conn.recv()
+                finished.append(child.conn.recv())
             except (EOFError, OSError):
-                return self._replace(child, self._lost(child, job))
-            self._free(child)
-            return completion
+                break
+            child.jobs.popleft()
+            child.begin_head()
+        if not child.jobs:
+            return finished
         now = time.monotonic()
         if child.deadlines and child.deadlines.hard is not None and now >= child.deadlines.hard:
             child.process.kill()
             child.process.join()
-            return self._replace(child, hard_limit_completion(self.app, job, now - child.started))
-        if not child.process.is_alive():
-            return self._replace(child, self._lost(child, job))
-        return None
+            head = child.jobs[0]
+            finished.append(self._replace(child, hard_limit_completion(self.app, head, now - child.started)))
+        elif not child.process.is_alive():
+            finished.append(self._replace(child, self._lost(child, child.jobs[0])))
+        return finished
 
     def _lost(self, child: _Child, job: Job) -> Completion:
         child.process.join()
@@ -147,21 +160,21 @@ class PreforkPool(Pool):
         detail = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         logger.error("Process running %s[%s] died (%s)", job.message.name, job.message.id, detail)
         task = self.app.tasks.get(job.message.name)
-        requeue = bool(task is not None and _reject_on_lost(self.app, task))
+        requeue = bool(job.acks_late and task is not None and _reject_on_lost(self.app, task))
         return lost_completion(self.app, job, time.monotonic() - child.started, detail, requeue)
 
-    def _free(self, child: _Child) -> None:
-        child.job = None
-        child.deadlines = None
-
     def _replace(self, child: _Child, completion: Completion) -> Completion:
+        """Swap a dead child for a new one, which takes over the jobs it had not started."""
         child.conn.close()
-        index = self._children.index(child)
-        self._children[index] = self._spawn()
+        fresh = self._spawn()
+        self._children[self._children.index(child)] = fresh
+        child.jobs.popleft()
+        for job in child.jobs:
+            self._send(fresh, job)
         return completion
 
     def running(self) -> list[Job]:
-        return [child.job for child in self._children if child.job is not None]
+        return [job for child in self._children for job in child.jobs]
 
     def stop(self, *, cold: bool) -> None:
         for child in self._children:
@@ -177,10 +190,7 @@ class PreforkPool(Pool):
 
 
 def _reject_on_lost(app: Celery, task: object) -> bool:
-    acks_late = getattr(task, "acks_late", None)
-    if acks_late is None:
-        acks_late = app.conf.task_acks_late
     reject = getattr(task, "reject_on_worker_lost", None)
     if reject is None:
         reject = app.conf.task_reject_on_worker_lost
-    return bool(acks_late and reject)
+    return bool(reject)
