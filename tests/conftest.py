@@ -163,6 +163,15 @@ class Project:
             list(args), cwd=self.path, env=self.env(), capture_output=True, text=True, timeout=timeout
         )
 
+    def lines(self, name: str) -> list[str]:
+        """The lines tasks have `record`ed in the file `name`, in order."""
+        path = self.path / name
+        return path.read_text().splitlines() if path.exists() else []
+
+    def release(self, name: str = "release") -> None:
+        """Create the file that tasks blocked in `wait_for_file(name)` wait for."""
+        (self.path / name).touch()
+
     def cleanup(self) -> None:
         for worker in self.workers:
             worker.cleanup()
@@ -180,6 +189,18 @@ from celeriac import Celery
 HERE = Path(__file__).resolve().parent
 app = Celery({name!r}, broker={broker!r}, backend={backend!r})
 app.conf.update({settings})
+
+
+def record(name, line):
+    # Tasks leave evidence that they ran by appending a line to a file in the project folder.
+    with open(HERE / name, "a") as stream:
+        stream.write(f"{{line}}\\n")
+
+
+def wait_for_file(name):
+    # Tasks that must stay running until the test says so wait for a file the test creates.
+    while not (HERE / name).exists():
+        time.sleep(0.02)
 """
 
 

@@ -7,7 +7,8 @@ keeps its leases alive with `heartbeat()`, and any consumer's `heartbeat()` retu
 the messages of consumers whose leases have lapsed (a SIGKILLed worker's) to their
 queues. Delayed messages (`eta`) wait inside the broker until due.
 
-Priorities run 0-9; a higher number is more urgent (the AMQP convention).
+Priorities run 0-9 and mean what they mean on the transport, as in Celery: on SQLite,
+memory and AMQP a higher number is more urgent; on Redis 0 is the most urgent.
 """
 
 from __future__ import annotations

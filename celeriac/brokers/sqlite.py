@@ -28,23 +28,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
-from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, clamp_priority, poll_until
+from celeriac.brokers.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Outgoing,
+    clamp_priority,
+    make_consumer_id,
+    poll_until,
+)
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
+from celeriac.sqlite_file import SQLiteFile, database_path
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT = 30.0
-SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS celeriac_broker_schema (version INTEGER NOT NULL)",
@@ -130,56 +133,6 @@ _SCHEDULED = (
     "SELECT count(*) FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL AND visible_at > ?"
 )
 
-# Connections inherited from a parent process. Closing one in the child could checkpoint
-# or unlink the parent's WAL, so they stay referenced (never finalised) and unused.
-_INHERITED: list[sqlite3.Connection] = []
-
-
-def _use_wal(connection: sqlite3.Connection) -> None:
-    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
-    # locked" at once (without waiting busy_timeout) while another process opens it at the
-    # same moment; look again until the file is in WAL mode, for up to BUSY_TIMEOUT.
-    deadline = time.monotonic() + BUSY_TIMEOUT
-    while str(connection.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-
-
-def database_path(url: str) -> str:
-    """Turn ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` into an absolute file path.
-
-    Args:
-        url: A URL with any of `SQLiteBroker.schemes`.
-
-    Returns:
-        The path, resolved against the current directory now, so that threads and child
-        processes agree on it whatever they later do to their directory.
-
-    Raises:
-        ImproperlyConfigured: The URL names a host or no file.
-    """
-    parts = urlsplit(url)
-    path = parts.path[1:]
-    if parts.netloc or not path or path == ":memory:":
-        raise ImproperlyConfigured(
-            f"SQLite broker URL {url!r} must name a file: sqlite:///relative/path.db or "
-            "sqlite:////absolute/path.db (use memory:// for a broker inside one process)"
-        )
-    return os.path.abspath(path)
-
-
-def _synchronous(options: Mapping[str, Any]) -> str:
-    mode = str(options.get("synchronous", "NORMAL")).upper()
-    if mode not in SYNCHRONOUS_MODES:
-        raise ImproperlyConfigured(
-            f"broker_transport_options['synchronous'] is {mode!r}; use one of {', '.join(SYNCHRONOUS_MODES)}"
-        )
-    return mode
-
 
 class SQLiteBroker(Broker):
     """A durable broker in a SQLite file: no server, safe for every process on one host.
@@ -200,56 +153,25 @@ class SQLiteBroker(Broker):
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
-        self.path = database_path(url)
-        self._synchronous = _synchronous(self.options)
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
+        self._file = SQLiteFile(
+            database_path(url, "broker"),
+            what="broker",
+            error=OperationalError,
+            synchronous=str(self.options.get("synchronous", "NORMAL")),
+            prepare=self._prepare,
+            on_fork=self._forked,
+        )
+        self.path = self._file.path
         self._schema_ready = False
         self._renewed_until = 0.0
         self._last_full = False
 
     # connections -----------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():
-            self.reset_after_fork()
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._open()
-            self._local.connection = connection
-        return connection
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            # check_same_thread is off only so close() may close every thread's connection;
-            # each connection is otherwise used by the thread that opened it.
-            connection = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise OperationalError(f"Cannot open the SQLite broker file {self.path!r}: {exc}") from exc
-        try:
-            self._configure(connection)
-        except BaseException:
-            connection.close()
-            raise
-        with self._lock:
-            self._connections.append(connection)
-        return connection
-
-    def _configure(self, connection: sqlite3.Connection) -> None:
-        with _translated(self.path):
-            connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-            _use_wal(connection)
-            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
-            if not self._schema_ready:
-                self._create_schema(connection)
-                self._schema_ready = True
-
-    def _create_schema(self, connection: sqlite3.Connection) -> None:
-        with _transaction(connection):
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        if self._schema_ready:
+            return
+        with self._file.transaction(connection):
             for statement in _SCHEMA:
                 connection.execute(statement)
             row = connection.execute("SELECT max(version) FROM celeriac_broker_schema").fetchone()
@@ -262,29 +184,19 @@ class SQLiteBroker(Broker):
                     f"{self.path!r} holds broker tables of layout {row[0]}, newer than this celeriac "
                     f"understands ({SCHEMA_VERSION}); upgrade celeriac or use another file"
                 )
+        self._schema_ready = True
+
+    def _forked(self) -> None:
+        # The parent's consumer id and its leases are the parent's own.
+        self.consumer_id = make_consumer_id()
+        self._renewed_until = 0.0
 
     def close(self) -> None:
         """Close every connection this broker opened; the next call opens new ones.
 
         In a forked child the parent's connections are abandoned, never closed.
         """
-        if self._pid != os.getpid():
-            self._abandon_parent_connections()
-            return
-        with self._lock:
-            connections, self._connections = self._connections, []
-        self._local = threading.local()
-        for connection in connections:
-            connection.close()
-
-    def _abandon_parent_connections(self) -> None:
-        _INHERITED.extend(self._connections)
-        self._connections = []
-        self._local = threading.local()
-        # Another thread of the parent may have held the lock at fork time.
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._renewed_until = 0.0
+        self._file.close()
 
     # producing -------------------------------------------------------------------------
 
@@ -301,8 +213,8 @@ class SQLiteBroker(Broker):
             (m.queue, clamp_priority(m.priority), now if m.eta is None else m.eta, m.payload, now)
             for m in messages
         ]
-        connection = self._connection()
-        with _translated(self.path), _transaction(connection):
+        connection = self._file.connection()
+        with self._file.translated(), self._file.transaction(connection):
             connection.executemany(_INSERT, rows)
 
     # consuming -------------------------------------------------------------------------
@@ -324,14 +236,14 @@ class SQLiteBroker(Broker):
         return poll_until(lambda: self._fetch_once(names, limit), timeout, self.polling_interval)
 
     def _fetch_once(self, names: str, limit: int) -> list[Delivery]:
-        connection = self._connection()
+        connection = self._file.connection()
         now = time.time()
-        with _translated(self.path):
+        with self._file.translated():
             # A read first, so idle pollers never queue up for the write lock; skipped
             # while the queue is busy (the last fetch came back full).
             if not self._last_full and not connection.execute(_ANY_READY, (names, now)).fetchone()[0]:
                 return []
-            with _transaction(connection):
+            with self._file.transaction(connection):
                 self._renew_if_due(connection, now)
                 rows = connection.execute(_LEASE, (self.consumer_id, names, now, limit)).fetchall()
         self._last_full = len(rows) == limit
@@ -371,8 +283,8 @@ class SQLiteBroker(Broker):
             delivery: The message to set aside.
             reason: Why, for whoever reads `dead_letters()`.
         """
-        connection = self._connection()
-        with _translated(self.path), _transaction(connection):
+        connection = self._file.connection()
+        with self._file.translated(), self._file.transaction(connection):
             row = connection.execute(_TAKE_LEASED, (int(delivery.tag),)).fetchone()
             if row is not None:
                 connection.execute(_ADD_DEAD_LETTER, (row[0], row[1], reason, time.time()))
@@ -402,9 +314,9 @@ class SQLiteBroker(Broker):
         Returns:
             How many messages went back.
         """
-        connection = self._connection()
+        connection = self._file.connection()
         now = time.time()
-        with _translated(self.path), _transaction(connection):
+        with self._file.translated(), self._file.transaction(connection):
             connection.execute(_RENEW, (self.consumer_id, now + self.lease_timeout))
             self._renewed_until = now + self.lease_timeout
             returned = connection.execute(_RETURN_ORPHANS, (now,)).rowcount
@@ -443,34 +355,12 @@ class SQLiteBroker(Broker):
         return int(self._query(_SCHEDULED, (queue, time.time()))[0][0])
 
     def _execute(self, sql: str, params: Sequence[Any]) -> int:
-        with _translated(self.path):
-            return self._connection().execute(sql, params).rowcount
+        with self._file.translated():
+            return self._file.connection().execute(sql, params).rowcount
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        with _translated(self.path):
-            return self._connection().execute(sql, params).fetchall()
-
-
-@contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so a read-then-write never fails half way
-    # with SQLITE_BUSY when another process wrote in between.
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-
-@contextmanager
-def _translated(path: str) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise OperationalError(f"SQLite broker {path!r}: {exc}") from exc
+        with self._file.translated():
+            return self._file.connection().execute(sql, params).fetchall()
 
 
 def _tags(deliveries: Sequence[Delivery]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
@@ -129,7 +129,7 @@ class Consumer:
         return Job(
             key=self._next_key,
             message=message,
-            delivery=replace(delivery, payload=b""),  # the job carries the decoded message instead
+            delivery=delivery,
             delivery_info={
                 "exchange": "",
                 "routing_key": delivery.queue,

@@ -13,8 +13,8 @@ from celeriac.protocol.message import TaskMessage
 class Job:
     """One task run to perform; picklable, so it crosses into a prefork child.
 
-    `delivery` is the leased message without its payload: the process that runs the job
-    acks it (just before the task starts, or after it ends with `acks_late`).
+    `delivery` is the leased message: the process that runs the job acks it (just before
+    the task starts, or after it ends with `acks_late`).
     """
 
     key: int

@@ -24,16 +24,6 @@ QUEUE = "celery"
 ProjectFactory = Callable[..., Project]
 
 TASKS = """
-def record(name, line):
-    with open(HERE / name, "a") as stream:
-        stream.write(f"{line}\\n")
-
-
-def wait_for_file(name):
-    while not (HERE / name).exists():
-        time.sleep(0.02)
-
-
 @app.task(acks_late=True)
 def late(key):
     record("runs", key)
@@ -66,8 +56,7 @@ def batch(index):
 
 def runs(project: Project) -> list[str]:
     """The keys of every task run so far, in the order they started."""
-    path = project.path / "runs"
-    return path.read_text().splitlines() if path.exists() else []
+    return project.lines("runs")
 
 
 def exits_within(worker: WorkerProcess, timeout: float) -> int:
@@ -80,7 +69,7 @@ def exits_within(worker: WorkerProcess, timeout: float) -> int:
 
 def release(project: Project, name: str = "release") -> None:
     """Create the file that blocked tasks wait for."""
-    (project.path / name).touch()
+    project.release(name)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])

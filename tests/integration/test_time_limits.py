@@ -21,11 +21,6 @@ TASKS = """
 from celeriac.exceptions import SoftTimeLimitExceeded
 
 
-def record(name, line):
-    with open(HERE / name, "a") as stream:
-        stream.write(f"{line}\\n")
-
-
 def spin(seconds):
     # Short sleeps in a Python loop, not one long sleep: the threads pool raises its limits
     # in the task's thread as an asynchronous exception, which lands only between Python
