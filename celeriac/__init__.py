@@ -11,7 +11,8 @@ def add(x, y):
 
 from celeriac import states
 from celeriac.app import Celery, shared_task
-from celeriac.result import AsyncResult, EagerResult
+from celeriac.canvas import Signature, chain, chord, group, signature
+from celeriac.result import AsyncResult, EagerResult, GroupResult
 from celeriac.task import Task
 
 __version__ = "0.1.0"
@@ -20,8 +21,14 @@ __all__ = [
     "AsyncResult",
     "Celery",
     "EagerResult",
+    "GroupResult",
+    "Signature",
     "Task",
     "__version__",
+    "chain",
+    "chord",
+    "group",
     "shared_task",
+    "signature",
     "states",
 ]

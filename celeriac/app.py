@@ -12,12 +12,12 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 from celeriac import _state, sending
 from celeriac.backends.base import ResultBackend
 from celeriac.backends.registry import create_backend
-from celeriac.brokers.base import Broker
+from celeriac.brokers.base import Broker, Outgoing
 from celeriac.brokers.registry import DEFAULT_BROKER_URL, create_broker
 from celeriac.config import Settings
 from celeriac.exceptions import BackendNotConfigured, NotRegistered
 from celeriac.protocol import serializers
-from celeriac.protocol.message import TaskMessage, new_id
+from celeriac.protocol.message import new_id
 from celeriac.request import current_request
 from celeriac.result import AsyncResult
 from celeriac.task import Task, build_task_class
@@ -216,86 +216,64 @@ class Celery:
 
         Takes the same options as `Task.apply_async`.
         """
-        args = tuple(args or ())
-        kwargs = dict(kwargs or {})
-        task_id = task_id or new_id()
+        call = sending.Call(
+            name=name,
+            args=tuple(args or ()),
+            kwargs=dict(kwargs or {}),
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            queue=queue,
+            priority=priority,
+            task_id=task_id or new_id(),
+            headers=headers,
+            ignore_result=ignore_result,
+            serializer=serializer,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            link=link,
+            link_error=link_error,
+            shadow=shadow,
+            retries=retries,
+            root_id=root_id,
+            parent_id=parent_id,
+            group_id=group_id,
+            group_index=group_index,
+            chain=chain,
+            chord=chord,
+        )
+        self.publish([self.prepare(call, task)])
+        return AsyncResult(call.task_id, app=self)
+
+    def prepare(self, call: sending.Call, task: Task[Any, Any] | None = None) -> Outgoing:
+        """Turn a task call into the bytes, queue, priority and eta a broker stores.
+
+        Raises:
+            TypeError: An argument cannot be serialised; the message names it.
+        """
         parent = current_request()
         if parent is not None and parent.id is not None and not parent.is_eager:
-            root_id = root_id or parent.root_id or parent.id
-            parent_id = parent_id or parent.id
-        utc = bool(self.conf.enable_utc)
-        when = sending.resolve_eta(countdown, eta, utc)
-        message = TaskMessage(
-            headers=sending.build_headers(
-                name=name,
-                task_id=task_id,
-                args=args,
-                kwargs=kwargs,
-                eta=when,
-                expires=sending.resolve_expires(expires, utc),
-                retries=retries,
-                timelimit=(time_limit, soft_time_limit),
-                root_id=root_id,
-                parent_id=parent_id,
-                group_id=group_id,
-                group_index=group_index,
-                ignore_result=bool(
-                    ignore_result if ignore_result is not None else self.conf.task_ignore_result
-                ),
-                shadow=shadow,
-                extra=headers,
-            ),
-            args=args,
-            kwargs=kwargs,
-            embed={
-                "callbacks": _as_list(link),
-                "errbacks": _as_list(link_error),
-                "chain": chain,
-                "chord": chord,
-            },
-            properties=self._properties(task_id, priority),
-        )
-        self._publish(message, task, queue, priority, when, serializer)
-        return AsyncResult(task_id, app=self)
-
-    def _properties(self, task_id: str, priority: int | None) -> dict[str, Any]:
-        if priority is None:
-            priority = self.conf.task_default_priority
-        return {
-            "correlation_id": task_id,
-            "reply_to": self.oid,
-            "delivery_mode": 2,
-            "priority": priority or 0,
-        }
-
-    def _publish(
-        self,
-        message: TaskMessage,
-        task: Task[Any, Any] | None,
-        queue: str | None,
-        priority: int | None,
-        eta: datetime | None,
-        serializer_name: str | None = None,
-    ) -> None:
+            call = call.child_of(parent.root_id or parent.id, parent.id)
+        message, eta = sending.build_message(call, self.conf, self.oid)
         serializer = serializers.by_name(
-            serializer_name
-            or (task.serializer if task is not None and task.serializer else None)
-            or self.conf.task_serializer
+            call.serializer or (task.serializer if task is not None else None) or self.conf.task_serializer
         )
-        target = queue or self.router.queue_for(message.name, message.args, message.kwargs)
+        queue = call.queue or self.router.queue_for(call.name, call.args, call.kwargs)
         try:
-            sending.publish(
-                self.broker,
-                message,
-                queue=target,
-                serializer=serializer,
-                priority=message.priority if priority is None else priority,
-                eta=eta,
-            )
+            return sending.outgoing(message, queue=queue, serializer=serializer, eta=eta)
         except TypeError as exc:
+            target = task if task is not None else self.tasks.get(call.name)
             raise sending.explain_unserialisable(
-                task, message.name, message.args, message.kwargs, serializer
+                target, call.name, call.args, call.kwargs, serializer
             ) from exc
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Store prepared messages in the broker, retrying per `task_publish_retry_policy`.
+
+        Raises:
+            OperationalError: The broker stayed unreachable through every retry.
+        """
+        sending.publish_with_retry(self.broker, messages, self.conf)
 
     @property
     def router(self) -> sending.Router:
@@ -373,14 +351,6 @@ class Celery:
     def accept_content(self) -> frozenset[str]:
         """Content types workers accept, from `accept_content`."""
         return serializers.content_types(self.conf.accept_content)
-
-
-def _as_list(value: Any) -> list[Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, list | tuple):
-        return [dict(item) for item in value]
-    return [dict(value)]
 
 
 def shared_task(*args: Any, **options: Any) -> Any:

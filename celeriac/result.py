@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -203,3 +205,56 @@ class EagerResult(AsyncResult[R]):
 
     def __repr__(self) -> str:
         return f"<EagerResult: {self.id}>"
+
+
+class GroupResult:
+    """The results of a group's members, in the order they were given."""
+
+    def __init__(self, id: str, results: list[AsyncResult[Any]], app: Celery | None = None) -> None:
+        self.id = id
+        self.results = results
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __iter__(self) -> Iterator[AsyncResult[Any]]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @property
+    def children(self) -> list[AsyncResult[Any]]:
+        return self.results
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5) -> list[Any]:
+        """Wait for every member and return their results in order.
+
+        Raises:
+            TimeoutError: Not all members finished within `timeout` seconds (in total).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for result in self.results:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(result.get(timeout=remaining, propagate=propagate, interval=interval))
+        return values
+
+    join = get
+
+    def ready(self) -> bool:
+        return all(result.ready() for result in self.results)
+
+    def successful(self) -> bool:
+        return all(result.successful() for result in self.results)
+
+    def failed(self) -> bool:
+        return any(result.failed() for result in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        """How many members succeeded."""
+        return sum(result.successful() for result in self.results)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celeriac.brokers.base import Broker, clamp_priority
+from celeriac.brokers.base import Broker, Outgoing, clamp_priority
+from celeriac.exceptions import OperationalError
 from celeriac.protocol import serializers
 from celeriac.protocol.message import TaskMessage, encode_task, pack, short_repr
 
@@ -40,6 +44,7 @@ PROTOCOL_HEADERS = frozenset(
         "compression",
     }
 )
+logger = logging.getLogger("celeriac.sending")
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
 
@@ -205,16 +210,109 @@ def _queue_of(target: Any) -> str | None:
     return getattr(queue, "name", queue)
 
 
-def publish(
-    broker: Broker,
-    message: TaskMessage,
-    *,
-    queue: str,
-    serializer: serializers.Serializer,
-    priority: int | None,
-    eta: datetime | None,
-) -> None:
-    """Serialise `message` and store it in `queue`, delayed until `eta` when given."""
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One task call with its options, before it becomes a message."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    countdown: float | None = None
+    eta: datetime | None = None
+    expires: float | datetime | str | None = None
+    queue: str | None = None
+    priority: int | None = None
+    headers: Mapping[str, Any] | None = None
+    ignore_result: bool | None = None
+    serializer: str | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    link: Any = None
+    link_error: Any = None
+    shadow: str | None = None
+    retries: int = 0
+    root_id: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    group_index: int | None = None
+    chain: Sequence[Any] | None = None
+    chord: Any = None
+
+    def child_of(self, root_id: str, parent_id: str) -> Call:
+        """The same call, sent from inside the task `parent_id` of the workflow `root_id`."""
+        return replace(self, root_id=self.root_id or root_id, parent_id=self.parent_id or parent_id)
+
+
+def build_message(call: Call, conf: Any, reply_to: str) -> tuple[TaskMessage, datetime | None]:
+    """Lay out the protocol v2 message for `call`; return it with its eta."""
+    utc = bool(conf.enable_utc)
+    eta = resolve_eta(call.countdown, call.eta, utc)
+    ignore = call.ignore_result if call.ignore_result is not None else conf.task_ignore_result
+    priority = call.priority if call.priority is not None else conf.task_default_priority
+    headers = build_headers(
+        name=call.name,
+        task_id=call.task_id,
+        args=call.args,
+        kwargs=call.kwargs,
+        eta=eta,
+        expires=resolve_expires(call.expires, utc),
+        retries=call.retries,
+        timelimit=(call.time_limit, call.soft_time_limit),
+        root_id=call.root_id,
+        parent_id=call.parent_id,
+        group_id=call.group_id,
+        group_index=call.group_index,
+        ignore_result=bool(ignore),
+        shadow=call.shadow,
+        extra=call.headers,
+    )
+    embed = {
+        "callbacks": _signature_list(call.link),
+        "errbacks": _signature_list(call.link_error),
+        "chain": list(call.chain) if call.chain else None,
+        "chord": call.chord,
+    }
+    properties = {
+        "correlation_id": call.task_id,
+        "reply_to": reply_to,
+        "delivery_mode": 2,
+        "priority": priority or 0,
+    }
+    return TaskMessage(headers, call.args, dict(call.kwargs), embed, properties), eta
+
+
+def _signature_list(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, list | tuple) else [value]
+    return [dict(item) for item in items]
+
+
+def outgoing(
+    message: TaskMessage, *, queue: str, serializer: serializers.Serializer, eta: datetime | None
+) -> Outgoing:
+    """Serialise `message` for `queue`, delayed until `eta` when given."""
     payload = pack(encode_task(message, serializer), routing_key=queue)
     when = eta.timestamp() if eta is not None else None
-    broker.publish_one(queue, payload, priority=clamp_priority(priority), eta=when)
+    return Outgoing(queue, payload, clamp_priority(message.priority), when)
+
+
+def publish_with_retry(broker: Broker, messages: Sequence[Outgoing], conf: Any) -> None:
+    """Publish, retrying a broker outage per `task_publish_retry` and its policy (Celery's defaults)."""
+    policy = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.2}
+    policy.update(conf.task_publish_retry_policy or {})
+    retries = int(policy["max_retries"]) if conf.task_publish_retry else 0
+    pause = float(policy["interval_start"])
+    for attempt in range(retries + 1):
+        try:
+            broker.publish(messages)
+            return
+        except OperationalError as exc:
+            if attempt >= retries:
+                raise OperationalError(
+                    f"could not publish to the broker after {attempt + 1} attempts: {exc}"
+                ) from exc
+            logger.warning("Broker unreachable while publishing (%s); retrying in %.2fs", exc, pause)
+            time.sleep(pause)
+            pause = min(pause + float(policy["interval_step"]), float(policy["interval_max"]))

@@ -13,6 +13,7 @@ from celeriac.request import Request, current_request
 
 if TYPE_CHECKING:
     from celeriac.app import Celery
+    from celeriac.canvas import Signature
     from celeriac.result import AsyncResult, EagerResult
 
 P = ParamSpec("P")
@@ -182,6 +183,24 @@ class Task(Generic[P, R]):
         return apply_eagerly(
             self, args, kwargs, task_id=task_id, retries=retries, throw=throw, headers=headers
         )
+
+    def signature(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> Signature:
+        """Describe a call of this task without making it (for chains, groups and callbacks)."""
+        from celeriac.canvas import Signature
+
+        return Signature(self.name, args, kwargs, options, app=self._app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """`signature(args, kwargs)`: a call that takes the previous step's result first."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: it ignores the previous step's result."""
+        sig = self.signature(args, kwargs)
+        sig.immutable = True
+        return sig
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:
         """Return the result handle for `task_id` of this task."""

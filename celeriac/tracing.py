@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
+from celeriac.canvas import complete_chord_part, send_errbacks, send_followups
 from celeriac.exceptions import Ignore, ProtocolError, Reject, Retry
 from celeriac.protocol.message import short_repr
 from celeriac.request import Request, running
@@ -101,6 +102,9 @@ class Tracer:
             self._store(request, value, states.SUCCESS)
         except ProtocolError as exc:
             return self._failed(request, exc, started)
+        if not request.is_eager:
+            send_followups(self.task.app, request, value)
+            complete_chord_part(self.task.app, request, states.SUCCESS, value)
         self.task.on_success(value, request.id, request.args, request.kwargs)
         self._after(states.SUCCESS, value, request, None)
         return Outcome(states.SUCCESS, value, time.perf_counter() - started)
@@ -108,6 +112,11 @@ class Tracer:
     def _failed(self, request: Request, exc: BaseException, started: float) -> Outcome:
         trace = tb.format_exc()
         self._store(request, exc, states.FAILURE, trace)
+        if not request.is_eager:
+            self._guarded(send_errbacks, request, exc)
+            self._guarded(
+                lambda app, req, error: complete_chord_part(app, req, states.FAILURE, error), request, exc
+            )
         self._handler(self.task.on_failure, exc, request, trace)
         self._after(states.FAILURE, exc, request, trace)
         return Outcome(states.FAILURE, exc, time.perf_counter() - started, trace)
@@ -119,6 +128,12 @@ class Tracer:
         self._handler(self.task.on_retry, reason, request, trace)
         # No after_return: as in Celery (IGNORE_STATES), a retry is not the task's return.
         return Outcome(states.RETRY, signal, time.perf_counter() - started, trace)
+
+    def _guarded(self, step: Any, request: Request, exc: BaseException) -> None:
+        try:
+            step(self.task.app, request, exc)
+        except Exception:
+            logger.exception("could not send the errbacks of task %s[%s]", self.task.name, request.id)
 
     def _handler(self, hook: Any, exc: BaseException, request: Request, trace: str) -> None:
         try:

@@ -170,3 +170,30 @@ class ResultBackend(ABC):
     def forget(self, task_id: str) -> None:
         """Remove the stored result of `task_id`."""
         self._delete(task_id)
+
+    # chords ----------------------------------------------------------------------------
+
+    def set_chord_size(self, group_id: str, size: int) -> None:
+        """Record how many header tasks the chord `group_id` waits for (before any is sent)."""
+        self._chord_set_size(group_id, size)
+
+    def chord_part_done(
+        self, group_id: str, index: int, task_id: str, state: str, result: Any
+    ) -> list[TaskMeta] | None:
+        """Record one header task's outcome.
+
+        Returns:
+            Every part's meta, ordered by index, to the one caller whose part completed the
+            set (exactly once, however many workers report at the same moment); else None.
+        """
+        if isinstance(result, BaseException):
+            result = encode_exception(result)
+        part = self.encode({"status": state, "result": result, "task_id": task_id})
+        documents = self._chord_add(group_id, index, task_id, part)
+        return None if documents is None else [self.decode(document) for document in documents]
+
+    def _chord_set_size(self, group_id: str, size: int) -> None:
+        raise NotImplementedError(f"the {type(self).__name__} result backend does not support chords")
+
+    def _chord_add(self, group_id: str, index: int, task_id: str, part: bytes) -> list[bytes] | None:
+        raise NotImplementedError(f"the {type(self).__name__} result backend does not support chords")

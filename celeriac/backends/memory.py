@@ -50,6 +50,8 @@ class MemoryBackend(ResultBackend):
         super().__init__(url, serializer=serializer, expires=expires, accept=accept)
         self._entries: dict[str, _Entry] = {}
         self._changed = threading.Condition()
+        # chord group id -> (size, {task_id: (index, part)}); a group is dropped once complete
+        self._chords: dict[str, tuple[int, dict[str, tuple[int, bytes]]]] = {}
 
     def _live(self, task_id: str) -> _Entry | None:
         # Callers hold self._changed.
@@ -120,3 +122,18 @@ class MemoryBackend(ResultBackend):
                 self._changed.wait(remaining)
         # Decode outside the lock so a slow decode never holds up writers.
         return self.decode(document)
+
+    def _chord_set_size(self, group_id: str, size: int) -> None:
+        with self._changed:
+            self._chords[group_id] = (size, {})
+
+    def _chord_add(self, group_id: str, index: int, task_id: str, part: bytes) -> list[bytes] | None:
+        with self._changed:
+            size, parts = self._chords.get(group_id, (0, {}))
+            if group_id not in self._chords:
+                return None
+            parts[task_id] = (index, part)
+            if len(parts) < size:
+                return None
+            del self._chords[group_id]
+        return [document for _, document in sorted(parts.values(), key=lambda item: item[0])]

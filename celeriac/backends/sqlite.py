@@ -10,6 +10,11 @@ Table layout (the file may also hold a SQLite broker's tables; these names are o
         updated     REAL               unix time of the last write
         expires_at  REAL NULL          unix time the row stops being readable; NULL = never
     index celeriac_results_expires_at on (expires_at), for `cleanup()`
+    celeriac_chords (group_id PRIMARY KEY, size, created)
+                                       a chord waiting for its header; deleted by the
+                                       report that completes it
+    celeriac_chord_parts (group_id, task_id, idx, part)
+                                       each header task's outcome, until the body is sent
 
 Times are wall-clock unix seconds because several processes, possibly started at
 different times, must agree on them. Each thread of each process gets its own
@@ -37,7 +42,31 @@ _SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS celeriac_results_expires_at ON celeriac_results (expires_at)",
+    """
+    CREATE TABLE IF NOT EXISTS celeriac_chords (
+        group_id TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        created REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS celeriac_chord_parts (
+        group_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        part BLOB NOT NULL,
+        PRIMARY KEY (group_id, task_id)
+    )
+    """,
 )
+_CHORD_SIZE = "INSERT OR REPLACE INTO celeriac_chords (group_id, size, created) VALUES (?, ?, ?)"
+_CHORD_PART = "INSERT OR IGNORE INTO celeriac_chord_parts (group_id, task_id, idx, part) VALUES (?, ?, ?, ?)"
+_CHORD_READ = "SELECT part FROM celeriac_chord_parts WHERE group_id = ? ORDER BY idx"
+_CHORD_CLAIM = (
+    "DELETE FROM celeriac_chords WHERE group_id = ?"
+    " AND size <= (SELECT count(*) FROM celeriac_chord_parts WHERE group_id = ?)"
+)
+_CHORD_FORGET = "DELETE FROM celeriac_chord_parts WHERE group_id = ?"
 
 # A stored SUCCESS is final, unless it has expired: an expired row reads as missing,
 # so it must be as writable as a missing one.
@@ -126,6 +155,24 @@ class SQLiteBackend(ResultBackend):
         with self._file.translated():
             cursor = self._file.connection().execute(_CLEANUP, (time.time(),))
         return cursor.rowcount
+
+    # chords ----------------------------------------------------------------------------
+
+    def _chord_set_size(self, group_id: str, size: int) -> None:
+        with self._file.translated():
+            self._file.connection().execute(_CHORD_SIZE, (group_id, size, time.time()))
+
+    def _chord_add(self, group_id: str, index: int, task_id: str, part: bytes) -> list[bytes] | None:
+        # One transaction: add the part, then delete the chord row only if every part is
+        # in. Exactly one caller's DELETE removes the row, so the body is sent once.
+        connection = self._file.connection()
+        with self._file.translated(), self._file.transaction(connection):
+            connection.execute(_CHORD_PART, (group_id, task_id, index, part))
+            if connection.execute(_CHORD_CLAIM, (group_id, group_id)).rowcount == 0:
+                return None
+            parts = [bytes(row[0]) for row in connection.execute(_CHORD_READ, (group_id,))]
+            connection.execute(_CHORD_FORGET, (group_id,))
+        return parts
 
 
 def _create_tables(connection: sqlite3.Connection) -> None:

@@ -45,3 +45,23 @@ def guide_call_output() -> list[str]:
     calling = section("Calling Tasks", "Task Chaining")
     expected = calling.split("Expected output:", 1)[1]
     return [line for line in expected.strip().splitlines() if line.strip()]
+
+
+def guide_chaining() -> str:
+    """chaining.py from "Task Chaining"."""
+    return as_celeriac(section("Task Chaining", "Expected output:"))
+
+
+def chaining_task_definitions() -> str:
+    """The three tasks chaining.py defines, for the worker's tasks.py (where a worker finds them)."""
+    code = guide_chaining()
+    start = code.index("@app.task")
+    end = code.index("# Chain:")
+    return code[start:end]
+
+
+def guide_chaining_output() -> list[str]:
+    """The expected output lines of "Task Chaining"."""
+    text = section("Task Chaining", "Celery Beat")
+    expected = text.split("Expected output:", 1)[1]
+    return [line for line in expected.strip().splitlines() if line.strip()]

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, WorkerProcess
-from tests.guide.extract import GUIDE, guide_call_output, guide_calls, guide_tasks
+from tests.guide.extract import (
+    GUIDE,
+    chaining_task_definitions,
+    guide_call_output,
+    guide_calls,
+    guide_chaining,
+    guide_chaining_output,
+    guide_tasks,
+)
 
 pytestmark = pytest.mark.skipif(not GUIDE.exists(), reason=f"the guide is not at {GUIDE}")
 
@@ -129,4 +137,36 @@ def test_the_guide_backend_may_be_spelt_the_celery_way(guide_project: Path) -> N
         assert (guide_project / "results.db").exists()
     finally:
         worker.stop()
+        worker.cleanup()
+
+
+def test_the_guide_chain_and_group_example_runs(guide_project: Path) -> None:
+    # Given the guide's chaining tasks where the worker can import them (in tasks.py, as a
+    # user would put them: the guide defines them in the calling script, whose tasks are
+    # named after the app, tasks.add and so on)
+    with (guide_project / "tasks.py").open("a") as tasks:
+        tasks.write("\n\n" + chaining_task_definitions())
+    (guide_project / "chaining.py").write_text(guide_chaining())
+    worker = _start_guide_worker(guide_project)
+    try:
+        # When the guide's chaining.py runs as written
+        done = subprocess.run(
+            [sys.executable, "chaining.py"],
+            cwd=guide_project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # Then it prints the chain's and the group's results as the guide shows
+        assert done.returncode == 0, done.stderr
+        expected = guide_chaining_output()
+        printed = done.stdout.strip().splitlines()
+        assert printed == [line for line in expected if line.startswith(("Chain result", "Group results"))]
+        # And the tasks' own prints appear in the worker's output
+        for line in expected:
+            if not line.startswith(("Chain result", "Group results")):
+                worker.wait_for(line)
+    finally:
+        assert worker.stop() == 0
         worker.cleanup()
