@@ -7,7 +7,9 @@ write a loader below and add an entry to `_LOADERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from celeriac.backends.base import DEFAULT_EXPIRES, ResultBackend
 from celeriac.exceptions import ImproperlyConfigured
@@ -28,10 +30,23 @@ def _sqlite() -> type[ResultBackend]:
     return SQLiteBackend
 
 
+def _redis() -> type[ResultBackend]:
+    try:
+        from celeriac.backends.redis import RedisBackend
+    except ImportError as exc:
+        missing = exc.name or "a client library"
+        raise ImproperlyConfigured(
+            f"The Redis result backend needs {missing}, which is not installed "
+            "(pip install 'celeriac[redis]')"
+        ) from exc
+    return RedisBackend
+
+
 # Every scheme a backend answers to, with Celery's aliases (cache+memory, db+sqlite).
 _LOADERS: dict[tuple[str, ...], Callable[[], type[ResultBackend]]] = {
     ("memory", "cache+memory"): _memory,
     ("sqlite", "db+sqlite"): _sqlite,
+    ("redis", "rediss", "redis+socket", "sentinel"): _redis,
 }
 
 
@@ -61,16 +76,21 @@ def create_backend(
     serializer: str = "json",
     expires: float | None = DEFAULT_EXPIRES,
     accept: Iterable[str] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ResultBackend | None:
     """Build the result backend a `result_backend` URL names.
 
     Args:
-        url: For example ``memory://``, ``cache+memory://``, ``sqlite:///results.db`` or
-            ``db+sqlite:////abs/path.db``. None, ``""`` and ``"disabled"`` mean no backend.
+        url: For example ``memory://``, ``cache+memory://``, ``sqlite:///results.db``,
+            ``db+sqlite:////abs/path.db``, ``redis://localhost:6379/0``, ``rediss://...``,
+            ``redis+socket:///path/redis.sock`` or ``sentinel://host:26379;sentinel://host2:26379``.
+            None, ``""`` and ``"disabled"`` mean no backend.
         serializer: `result_serializer`: name of the serializer for stored documents.
         expires: `result_expires`: seconds a ready result is kept; None keeps it forever.
         accept: `result_accept_content`: serializer names or content types accepted when
             reading results back; None accepts only `serializer`'s.
+        options: `result_backend_transport_options`, for the backends that take any
+            (Redis: ``master_name`` for Sentinel, socket settings); others ignore them.
 
     Returns:
         The backend, or None when results are disabled.
@@ -83,4 +103,11 @@ def create_backend(
         return None
     backend_class = _loader(url_scheme(url))()
     accepted = None if accept is None else serializers.content_types(accept)
-    return backend_class(url, serializer=serializer, expires=expires, accept=accepted)
+    extra: dict[str, Any] = {"options": options} if options and _takes_options(backend_class) else {}
+    return backend_class(url, serializer=serializer, expires=expires, accept=accepted, **extra)
+
+
+def _takes_options(backend_class: type[ResultBackend]) -> bool:
+    # Transport options mean nothing to most backends (as in Celery), so only those
+    # whose constructor asks for them get them.
+    return "options" in inspect.signature(backend_class).parameters

@@ -13,11 +13,11 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from celeriac.exceptions import ImproperlyConfigured
+from celeriac.exceptions import ImproperlyConfigured, OperationalError
 from celeriac.worker import banner
 from celeriac.worker.consumer import Consumer, Settings
 from celeriac.worker.pools import create_pool
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from celeriac.app import Celery
 
 logger = logging.getLogger("celeriac.worker")
+T = TypeVar("T")
 CLEANUP_EVERY = 60.0
 MAX_PREFETCH = 10_000
 
@@ -82,6 +83,8 @@ class Worker:
         self.prefetch_limit = max(1, min(limit, MAX_PREFETCH))
         self._warm = threading.Event()
         self._cold = False
+        self._cold_event = threading.Event()
+        self._outages = 0
         self._stopped = threading.Event()
         self._consumer: Consumer | None = None
 
@@ -118,12 +121,37 @@ class Worker:
 
     def _serve(self, consumer: Consumer) -> None:
         while not self._warm.is_set():
-            consumer.step()
-        released = consumer.release_reserved()
+            self._guarded(consumer.step)
+        released = self._guarded(consumer.release_reserved)
         if released:
             logger.info("Returned %d prefetched message(s) to the queue", released)
         while consumer.active and not self._cold:
-            consumer.step(fetching=False)
+            self._guarded(lambda: consumer.step(fetching=False))
+
+    def _guarded(self, action: Callable[[], T]) -> T | None:
+        """Run `action`; if the broker is unreachable, log it, back off, and return None.
+
+        The caller's loop tries again; messages this worker could not give back return
+        to their queues when its leases lapse.
+        """
+        try:
+            result = action()
+        except OperationalError as exc:
+            self._outages += 1
+            pause = min(0.5 * 2 ** (self._outages - 1), 8.0)
+            logger.error(
+                "consumer: Cannot reach the broker at %s: %s. Trying again in %.1f seconds... (%d)",
+                banner.mask_url(self.app.broker_url),
+                exc,
+                pause,
+                self._outages,
+            )
+            (self._cold_event if self._warm.is_set() else self._warm).wait(pause)
+            return None
+        if self._outages:
+            logger.info("consumer: Connected to %s again", banner.mask_url(self.app.broker_url))
+            self._outages = 0
+        return result
 
     def _shutdown(self, consumer: Consumer) -> None:
         if self._cold:
@@ -194,6 +222,7 @@ class Worker:
     def _on_cold_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.warning("worker: Cold shutdown (MainProcess)")
         self._cold = True
+        self._cold_event.set()
         self._warm.set()
         if self.pool_kind == "solo":
             raise ColdShutdown(1)

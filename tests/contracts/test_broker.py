@@ -553,8 +553,8 @@ def test_many_processes_on_one_sqlite_file_get_every_message_exactly_once(
     for process in processes:
         process.join(GENEROUS_TIMEOUT)
 
-    # Then every message was delivered once, on its first attempt, to distinct consumers that all took part
-    assert all(seen for _, seen in reports)
+    # Then every message was delivered once, on its first attempt, to distinct consumers
+    # (how the 2,000 split between them is up to SQLite's lock and the machine's load)
     delivered = sorted(number for _, seen in reports for number, _ in seen)
     assert delivered == list(range(total))
     assert {attempts for _, seen in reports for _, attempts in seen} == {1}
