@@ -314,6 +314,7 @@ class Celery:
             serializer=self.conf.result_serializer,
             expires=self.conf.result_expires_seconds,
             accept=serializers.content_types(accept),
+            options=self.conf.get("result_backend_transport_options"),
         )
 
     def require_backend(self) -> ResultBackend:

@@ -7,6 +7,7 @@ import importlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip loudly when a service is down; under CI (CI=true) fail instead."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        message = f"{name} at {host}:{port} is not reachable ({exc})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}, and CI requires it")
+        pytest.skip(f"{message}: start it to run these tests")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -41,6 +41,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from celeriac import states
 from celeriac.backends.base import DEFAULT_EXPIRES, ResultBackend, TaskMeta
 from celeriac.exceptions import BackendError, ImproperlyConfigured, ProtocolError, TimeoutError
+from celeriac.protocol import serializers
+from celeriac.protocol.failures import encode_exception
 from celeriac.protocol.serializers import JSON_TYPE
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,32 @@ _LISTENER_JOIN_TIMEOUT = 5.0
 # The status is read from the start of the stored JSON (celeriac and Celery both put
 # it first, with or without a space after the colon); cjson is the slow fallback for
 # a document laid out some other way.
+# Adds one chord header outcome; returns every entry to the one caller that completes the set.
+# KEYS: .j .d .s .t .c   ARGV: entry, index, dedup member, ttl seconds, claim token
+_CHORD_ADD = """
+if redis.call('SADD', KEYS[2], ARGV[3]) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+for i = 1, 4 do
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+end
+local size = tonumber(redis.call('GET', KEYS[3]) or '0')
+if size == 0 then
+    return nil
+end
+local total = size + tonumber(redis.call('GET', KEYS[4]) or '0')
+if redis.call('ZCARD', KEYS[1]) < total then
+    return nil
+end
+if not redis.call('SET', KEYS[5], ARGV[5], 'NX', 'EX', 300) then
+    return nil
+end
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('SET', KEYS[5], 'done', 'EX', 300)
+return entries
+"""
+
 _STORE_UNLESS_SUCCESS = """
 local stored = redis.call('GET', KEYS[1])
 if stored then
@@ -157,6 +185,11 @@ def _close_client(client: redis.Redis) -> None:
 
 
 def _redact(url: str) -> str:
+    """Hide the password of each URL (a sentinel:// setting may hold several, joined by ";")."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -176,8 +209,11 @@ def _client_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def _socket_url(url: str) -> str:
     # Celery's redis+socket:///path?virtual_host=N is redis-py's unix:///path?db=N.
     parts = urlsplit(url)
-    query = [("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)]
-    return urlunsplit(parts._replace(scheme="unix", query=urlencode(query)))
+    query = urlencode(
+        [("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)]
+    )
+    # Built by hand: urlunsplit drops the "//" of a URL without a host.
+    return f"unix://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def _plain_endpoint(url: str, options: Mapping[str, Any]) -> _Endpoint:
@@ -353,7 +389,9 @@ class _Listener:
                 self._listen()
             except Exception as exc:
                 failures += 1
-                logger.warning("result listener lost its Redis connection (%s); reconnecting", exc)
+                # Once per outage: while the server stays down this repeats every second.
+                log = logger.warning if failures == 1 else logger.debug
+                log("result listener lost its Redis connection (%s); reconnecting", exc)
                 # The first retry is at once (a killed connection is the usual cause),
                 # then back off so a dead server is not hammered.
                 delay = 0.0 if failures == 1 else min(0.05 * 2 ** (failures - 2), _RECONNECT_DELAY_MAX)
@@ -471,6 +509,7 @@ class RedisBackend(ResultBackend):
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
         self._listener: _Listener | None = None
+        self._chord_add_script: Script | None = None
 
     # connections -----------------------------------------------------------------------
 
@@ -513,6 +552,7 @@ class RedisBackend(ResultBackend):
         with self._lock:
             connection, listener = self._connection, self._listener
             self._connection = self._listener = None
+            self._chord_add_script = None
         if listener is not None:
             listener.close()
         if connection is not None:
@@ -525,6 +565,7 @@ class RedisBackend(ResultBackend):
         self._lock = threading.Lock()
         self._connection = None
         self._listener = None
+        self._chord_add_script = None
 
     # storage ---------------------------------------------------------------------------
 
@@ -650,14 +691,57 @@ class RedisBackend(ResultBackend):
         with self._translated():
             self._client().delete(group_key(group_id))
 
+    # chords ----------------------------------------------------------------------------
+    # Celery's native Redis chord keys, so Celery and celeriac workers may finish one chord:
+    # <group key>.s (size), .t (size adjustments), .j (ZSET of [1, task_id, state, result]
+    # scored by group index), .d (SET of "task_id:index" seen), .c (claim: who sends the body).
+
+    def _chord_set_size(self, group_id: str, size: int) -> None:
+        key = group_key(group_id)
+        with self._translated(), self._client().pipeline(transaction=True) as pipe:
+            pipe.delete(f"{key}.c")
+            pipe.set(f"{key}.s", size, ex=_chord_ttl(self.expires))
+            pipe.execute()
+
+    def chord_part_done(
+        self, group_id: str, index: int, task_id: str, state: str, result: Any
+    ) -> list[TaskMeta] | None:
+        """Record one header task's outcome; return all parts (by index) to the completing caller."""
+        if isinstance(result, BaseException):
+            result = encode_exception(result)
+        entry = serializers.json_dumps([1, task_id, state, result])
+        key = group_key(group_id)
+        keys = [f"{key}.j", f"{key}.d", f"{key}.s", f"{key}.t", f"{key}.c"]
+        with self._translated():
+            script = self._chord_script()
+            entries = script(
+                keys=keys,
+                args=[entry, index, f"{task_id}:{index}", _chord_ttl(self.expires), uuid.uuid4().hex],
+            )
+        if entries is None:
+            return None
+        parts = [serializers.json_loads(raw) for raw in entries]
+        return [{"status": part[2], "result": part[3], "task_id": part[1]} for part in parts]
+
+    def _chord_script(self) -> Script:
+        client = self._client()  # takes self._lock itself
+        with self._lock:
+            if self._chord_add_script is None:
+                self._chord_add_script = client.register_script(_CHORD_ADD)
+            script: Script = self._chord_add_script
+            return script
+
 
 def _queue_write(pipe: redis.client.Pipeline, key: str, document: bytes, expires: float | None) -> None:
     """Queue Celery's write: SET, SETEX or PSETEX, then PUBLISH the same bytes on the key's channel."""
     write = _expiring_write(expires)
     if write is None:
         pipe.set(key, document)
-    elif write[0] == "SETEX":
-        pipe.setex(key, write[1], document)
     else:
-        pipe.psetex(key, write[1], document)
+        # By name: redis-py deprecates its setex()/psetex() helpers, not the commands.
+        pipe.execute_command(write[0], key, write[1], document)  # type: ignore[no-untyped-call]
     pipe.publish(key, document)
+
+
+def _chord_ttl(expires: float | None) -> int:
+    return max(1, int(expires)) if expires else 86400

@@ -22,6 +22,10 @@ BROKERS: dict[str, tuple[str, str]] = {
     "memory": ("celeriac.brokers.memory", "MemoryBroker"),
     "sqlite": ("celeriac.brokers.sqlite", "SQLiteBroker"),
     "sqla+sqlite": ("celeriac.brokers.sqlite", "SQLiteBroker"),
+    "redis": ("celeriac.brokers.redis", "RedisBroker"),
+    "rediss": ("celeriac.brokers.redis", "RedisBroker"),
+    "redis+socket": ("celeriac.brokers.redis", "RedisBroker"),
+    "sentinel": ("celeriac.brokers.redis", "RedisBroker"),
 }
 
 

@@ -6,8 +6,11 @@ broker objects on the same URL stand for two consumers (two workers) of one brok
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -16,12 +19,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 from celeriac.brokers.base import Broker, Delivery, Outgoing
 from celeriac.brokers.memory import MemoryBroker
+from celeriac.brokers.redis import RedisBroker
 from celeriac.brokers.registry import DEFAULT_BROKER_URL, broker_class_for, create_broker
 from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.protocol.message import Envelope, pack, unpack
+from tests.conftest import require_service
 
 MakeBroker = Callable[..., Broker]
 T = TypeVar("T")
@@ -29,6 +36,7 @@ T = TypeVar("T")
 GENEROUS_TIMEOUT = 10.0
 SHORT_LEASE = 0.5
 QUEUE = "celery"
+REDIS_TEST_URL = "redis://127.0.0.1:6379/9"
 
 
 # fixtures and helpers ----------------------------------------------------------------
@@ -38,10 +46,41 @@ def _sqlite_url(directory: Path) -> str:
     return f"sqlite:///{directory / 'broker.db'}"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    # A fresh memory store per test: brokers share a store only through its name.
-    return f"memory://contract-{uuid.uuid4().hex}" if request.param == "memory" else _sqlite_url(tmp_path)
+@contextlib.contextmanager
+def redis_database() -> Iterator[str]:
+    """Lend one test the test Redis database, emptied; skip (fail in CI) if Redis is down.
+
+    Test runs on one machine share that database, so each test holds a file lock while it
+    uses it: a concurrent run waits instead of flushing the database under this one.
+    """
+    with open(Path(tempfile.gettempdir()) / "celeriac-test-redis-db9.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _empty_test_database()
+            yield REDIS_TEST_URL
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _empty_test_database() -> None:
+    require_service("Redis (REDIS BROKER TESTS NOT RUN)", "127.0.0.1", 6379)
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "redis":
+        with redis_database() as url:
+            yield url
+    elif request.param == "memory":
+        # A fresh memory store per test: brokers share a store only through its name.
+        yield f"memory://contract-{uuid.uuid4().hex}"
+    else:
+        yield _sqlite_url(tmp_path)
 
 
 @pytest.fixture
@@ -73,8 +112,35 @@ def go_silent(consumer: Broker) -> None:
 
 
 def scheduled(broker: Broker) -> int:
-    assert isinstance(broker, MemoryBroker | SQLiteBroker)
+    assert isinstance(broker, MemoryBroker | SQLiteBroker | RedisBroker)
     return broker.scheduled(QUEUE)
+
+
+def on_redis(broker: Broker) -> bool:
+    """Redis follows Celery's Redis transport where the other brokers follow AMQP."""
+    return isinstance(broker, RedisBroker)
+
+
+def publish_delayed(broker: Broker, payload: bytes, eta: float) -> None:
+    """Get `payload` waiting in the broker until `eta`, the way a worker does on this broker.
+
+    Redis, like Celery, puts a message with an eta straight on its queue (the eta is in its
+    headers) and the worker parks it with `release(eta=...)`; the others hold it from publish.
+    """
+    if on_redis(broker):
+        broker.publish_one(QUEUE, payload)
+        broker.release(broker.fetch([QUEUE], 1, timeout=1), eta=eta)
+    else:
+        broker.publish_one(QUEUE, payload, eta=eta)
+
+
+def envelope(text: str) -> bytes:
+    """A kombu envelope whose body is `text`: Redis keeps a redelivery count only in envelopes."""
+    return pack(Envelope(text.encode(), "text/plain", "utf-8", {}, {}), routing_key=QUEUE)
+
+
+def text_of(delivery: Delivery) -> str:
+    return unpack(delivery.payload).body.decode()
 
 
 def eventually(probe: Callable[[], T], timeout: float = GENEROUS_TIMEOUT) -> T:
@@ -116,8 +182,12 @@ def test_more_urgent_messages_are_fetched_first(broker: Broker) -> None:
     # When they are fetched in one batch
     fetched = broker.fetch([QUEUE], 10, timeout=1)
 
-    # Then the most urgent come first, out-of-range priorities clamped to 9 and 0
-    assert payloads(fetched) == [b"9", b"42", b"5", b"1", b"0", b"-3"]
+    # Then the most urgent come first, out-of-range priorities clamped to 9 and 0; on Redis,
+    # as in Celery, 0 is the most urgent and priorities share lists in steps 0-2, 3-5, 6-8, 9
+    if on_redis(broker):
+        assert payloads(fetched) == [b"0", b"1", b"-3", b"5", b"9", b"42"]
+    else:
+        assert payloads(fetched) == [b"9", b"42", b"5", b"1", b"0", b"-3"]
 
 
 def test_messages_of_equal_priority_come_out_oldest_first(broker: Broker) -> None:
@@ -145,8 +215,20 @@ def test_fetch_from_several_queues_orders_by_priority_across_them(broker: Broker
     # When a consumer fetches from both queues
     fetched = broker.fetch(["a", "b"], 10, timeout=1)
 
-    # Then it gets every message of those queues, most urgent then oldest first
-    assert [(d.queue, d.payload) for d in fetched] == [("b", b"b-high"), ("a", b"a-high"), ("a", b"a-low")]
+    # Then it gets every message of those queues, most urgent then oldest first; on Redis (0 most
+    # urgent) every queue's step is drained in the order the queues were asked for, as kombu does
+    if on_redis(broker):
+        assert [(d.queue, d.payload) for d in fetched] == [
+            ("a", b"a-low"),
+            ("a", b"a-high"),
+            ("b", b"b-high"),
+        ]
+    else:
+        assert [(d.queue, d.payload) for d in fetched] == [
+            ("b", b"b-high"),
+            ("a", b"a-high"),
+            ("a", b"a-low"),
+        ]
 
 
 def test_fetch_returns_at_most_limit_messages(broker: Broker) -> None:
@@ -214,7 +296,7 @@ def test_threads_sharing_one_broker_get_every_message_exactly_once(broker: Broke
 
 def test_a_message_with_a_future_eta_waits_unfetched_but_counted(broker: Broker) -> None:
     # Given a message due in a minute
-    broker.publish_one(QUEUE, b"later", eta=time.time() + 60)
+    publish_delayed(broker, b"later", eta=time.time() + 60)
 
     # When a consumer fetches now
     fetched = broker.fetch([QUEUE], 10, timeout=0)
@@ -228,7 +310,7 @@ def test_a_message_with_a_future_eta_waits_unfetched_but_counted(broker: Broker)
 def test_a_delayed_message_is_fetched_once_its_eta_passes(broker: Broker) -> None:
     # Given a message due shortly
     eta = time.time() + 0.3
-    broker.publish_one(QUEUE, b"soon", eta=eta)
+    publish_delayed(broker, b"soon", eta=eta)
 
     # When a consumer waits for it
     fetched = broker.fetch([QUEUE], 10, timeout=GENEROUS_TIMEOUT)
@@ -255,7 +337,7 @@ def test_a_message_with_a_past_eta_is_ready_at_once(broker: Broker) -> None:
 
 def test_a_released_message_is_fetched_again_as_a_redelivery(broker: Broker) -> None:
     # Given a fetched message
-    broker.publish_one(QUEUE, b"again")
+    broker.publish_one(QUEUE, envelope("again"))
     first = broker.fetch([QUEUE], 1, timeout=1)
 
     # When it is released
@@ -264,7 +346,7 @@ def test_a_released_message_is_fetched_again_as_a_redelivery(broker: Broker) -> 
     # Then it waits again and the next fetch gets it on its second attempt
     assert broker.size(QUEUE) == 1
     [second] = broker.fetch([QUEUE], 1, timeout=1)
-    assert (second.payload, second.attempts, second.redelivered) == (b"again", 2, True)
+    assert (text_of(second), second.attempts, second.redelivered) == ("again", 2, True)
 
 
 def test_a_message_released_with_an_eta_stays_hidden_until_then(broker: Broker) -> None:
@@ -315,7 +397,8 @@ def test_a_dead_lettered_message_leaves_its_queue_and_keeps_its_reason(broker: B
 def test_dead_letters_are_listed_oldest_first_per_queue_up_to_a_limit(broker: Broker) -> None:
     # Given dead letters from two queues
     broker.publish([Outgoing("a", b"a1"), Outgoing("b", b"b1"), Outgoing("a", b"a2"), Outgoing("a", b"a3")])
-    for delivery in broker.fetch(["a", "b"], 10, timeout=1):
+    set_aside = broker.fetch(["a", "b"], 10, timeout=1)
+    for delivery in set_aside:
         broker.dead_letter(delivery, "bad")
 
     # When they are listed for one queue with a limit, and for all queues
@@ -324,7 +407,8 @@ def test_dead_letters_are_listed_oldest_first_per_queue_up_to_a_limit(broker: Br
 
     # Then each list keeps the order they were set aside in
     assert [letter.payload for letter in some_of_a] == [b"a1", b"a2"]
-    assert [letter.payload for letter in every_one] == [b"a1", b"b1", b"a2", b"a3"]
+    assert [letter.payload for letter in every_one] == payloads(set_aside)
+    assert sorted(payloads(set_aside)) == [b"a1", b"a2", b"a3", b"b1"]
 
 
 # purge and size -------------------------------------------------------------------------
@@ -380,7 +464,7 @@ def test_a_silent_consumers_messages_are_returned_by_another_consumers_heartbeat
     # Given a consumer that leased two messages and then went silent, as if SIGKILLed
     survivor = make_broker(lease_timeout=SHORT_LEASE)
     silent = make_broker(lease_timeout=SHORT_LEASE)
-    survivor.publish([Outgoing(QUEUE, b"first", priority=2), Outgoing(QUEUE, b"second")])
+    survivor.publish([Outgoing(QUEUE, envelope("first"), priority=2), Outgoing(QUEUE, envelope("second"))])
     assert len(silent.fetch([QUEUE], 2, timeout=1)) == 2
     go_silent(silent)
 
@@ -390,9 +474,9 @@ def test_a_silent_consumers_messages_are_returned_by_another_consumers_heartbeat
     # Then both messages are back, redelivered on their second attempt
     assert returned == 2
     fetched = survivor.fetch([QUEUE], 10, timeout=1)
-    assert [(d.payload, d.attempts, d.redelivered) for d in fetched] == [
-        (b"first", 2, True),
-        (b"second", 2, True),
+    assert [(text_of(d), d.attempts, d.redelivered) for d in fetched] == [
+        ("first", 2, True),
+        ("second", 2, True),
     ]
 
 
@@ -437,6 +521,8 @@ def test_the_registry_picks_the_broker_class_by_url_scheme(tmp_path: Path) -> No
     assert broker_class_for(_sqlite_url(tmp_path)) is SQLiteBroker
     assert broker_class_for(f"sqla+sqlite:///{tmp_path}/x.db") is SQLiteBroker
     assert broker_class_for(DEFAULT_BROKER_URL) is SQLiteBroker
+    for url in ("redis://h:6379/0", "rediss://h/1", "redis+socket:///tmp/r.sock", "sentinel://h:26379"):
+        assert broker_class_for(url) is RedisBroker
 
 
 @pytest.mark.parametrize("url", ["kafka://user:secret@host/", "celeriac.db"])
@@ -446,7 +532,7 @@ def test_an_unsupported_broker_url_is_refused_naming_the_supported_schemes(url: 
         create_broker(url)
 
     # Then the error lists what is supported and does not echo the URL's secrets
-    assert "memory, sqla+sqlite, sqlite" in str(refused.value)
+    assert "memory, redis, redis+socket, rediss, sentinel, sqla+sqlite, sqlite" in str(refused.value)
     assert "secret" not in str(refused.value)
 
 

@@ -94,3 +94,10 @@ def test_the_public_names_are_pinned() -> None:
     )
     for name in celeriac.__all__:
         assert hasattr(celeriac, name)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
+def test_no_module_imports_celery_or_kombu(path: Path) -> None:
+    # celeriac speaks Celery's formats; it never runs Celery's code
+    for imported in _imports(path):
+        assert imported.split(".")[0] not in {"celery", "kombu", "billiard"}, f"{path} imports {imported}"

@@ -1,0 +1,710 @@
+"""A broker on Redis that speaks kombu's wire format, with leases instead of visibility timeouts.
+
+Key layout (``Q`` is a queue name; ``\\x06\\x16`` is kombu's separator)::
+
+    Q, Q\\x06\\x163, Q\\x06\\x166, Q\\x06\\x169
+        LISTs: kombu's queue Q, one list per priority step (0-2, 3-5, 6-8, 9; on Redis 0 is
+        the most urgent). Publishing LPUSHes the packed envelope; consumers take from the
+        right, the lists in that order, every queue's first list before any queue's second.
+    _kombu.binding.Q
+        SET with the member ``Q\\x06\\x16\\x06\\x16Q``: kombu's binding of queue Q to the
+        exchange Q, added on first use so Celery clients and ``inspect`` see the queue.
+    celeriac.inflight.<consumer id>
+        LIST of the exact payloads leased to one consumer (newest left). A fetch moves
+        payloads from queue lists into it atomically (Lua, or BLMOVE while waiting).
+    celeriac.consumers
+        ZSET consumer id -> unix time (Redis server clock) its lease ends. A fetch or a
+        heartbeat renews it; any heartbeat returns the in-flight payloads of lapsed consumers.
+    celeriac.delayed.Q
+        ZSET payload -> eta, one per queue: messages released with an eta. Fetches from Q
+        move the due ones to the back of their list. Per queue, so size() and scheduled()
+        are one ZCARD / ZCOUNT and a fetch only looks at its own queues.
+    celeriac.dead
+        LIST of dead-letter records, JSON ``{queue, payload, reason, when}`` (newest left).
+
+Why our own in-flight keys and not kombu's ``unacked`` hash: a Celery worker sharing the
+Redis restores every ``unacked`` entry older than its visibility timeout, which would
+redeliver our long tasks; our keys are invisible to it, and our leases end when the worker
+stops renewing them, not after an hour.
+
+Compatibility with Celery on the same Redis: what celeriac publishes is what Celery
+publishes (a Celery worker can consume it), and a celeriac worker consumes what Celery
+publishes. Like Celery, `publish` puts a message with an eta straight on its queue (the
+eta travels in the envelope's headers; `Outgoing.eta` is not enforced here), and the worker
+parks it with ``release(eta=...)``. A message that goes back to its queue (a lapsed
+consumer's, or released without an eta) is marked as kombu marks restored messages
+(``headers.redelivered`` and ``properties.delivery_info.redelivered``) and carries its
+redelivery count in ``headers["x-celeriac-redeliveries"]``; `Delivery.attempts` is that
+count plus one. Payloads that are not kombu envelopes travel fine but cannot carry a
+count, and if their consumer dies they become dead letters (their queue is unknown).
+
+Not supported: Redis Cluster (a queue's four lists and our keys cannot share one hash
+slot, and the scripts build key names), kombu's ``global_keyprefix``, ``sep``,
+``priority_steps`` and ``queue_order_strategy`` options (we use kombu's defaults), and
+named exchanges on publish (messages go to the default exchange, as Celery sends them).
+Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from types import TracebackType
+from typing import Any, ClassVar, cast
+from urllib.parse import unquote, urlsplit
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.commands.core import Script
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from celeriac.brokers.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Outgoing,
+    clamp_priority,
+    make_consumer_id,
+)
+from celeriac.exceptions import BrokerError, ImproperlyConfigured, OperationalError
+
+logger = logging.getLogger(__name__)
+
+SEP = "\x06\x16"
+STEP_SUFFIXES = ("", SEP + "3", SEP + "6", SEP + "9")
+_STEP_OF_PRIORITY = (0, 0, 0, 1, 1, 1, 2, 2, 2, 3)
+CONSUMERS_KEY = "celeriac.consumers"
+INFLIGHT_PREFIX = "celeriac.inflight."
+DELAYED_PREFIX = "celeriac.delayed."
+DEAD_KEY = "celeriac.dead"
+REDELIVERIES_HEADER = "x-celeriac-redeliveries"
+_REDELIVERIES_MARK = b'"' + REDELIVERIES_HEADER.encode() + b'"'
+
+WAIT_SLICE = 0.1  # longest BLMOVE; after each one a fetch also looks at the other lists and delayed sets
+MOVE_DUE_PER_FETCH = 100  # due delayed messages moved per queue and fetch
+LAPSED_PER_HEARTBEAT = 100  # lapsed consumers handled per heartbeat
+PUSH_CHUNK = 1000  # payloads per LPUSH
+DEAD_LETTER_CHUNK = 500
+_CLIENT_OPTIONS = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "socket_keepalive_options",
+    "max_connections",
+    "health_check_interval",
+    "client_name",
+    "username",
+    "password",
+)
+_Arg = bytes | str | int | float  # a script argument
+
+
+def queue_lists(queue: str) -> tuple[str, str, str, str]:
+    """Return the keys of a queue's four lists, most urgent step first."""
+    return (queue, queue + STEP_SUFFIXES[1], queue + STEP_SUFFIXES[2], queue + STEP_SUFFIXES[3])
+
+
+def binding(queue: str) -> tuple[str, str]:
+    """Return kombu's binding SET key for `queue` and the member that binds it."""
+    return f"_kombu.binding.{queue}", f"{queue}{SEP}{SEP}{queue}"
+
+
+def step_of(priority: int) -> int:
+    """Return which of a queue's lists (0-3) holds messages of `priority`, as kombu maps it."""
+    return _STEP_OF_PRIORITY[clamp_priority(priority)]
+
+
+@functools.cache
+def _script_sources() -> dict[str, str]:
+    """The Lua scripts by name, those that edit envelopes preceded by envelope.lua's helpers."""
+    folder = resources.files("celeriac.brokers") / "lua"
+    helpers = (folder / "envelope.lua").read_text(encoding="utf-8")
+    sources = {}
+    for name, needs_helpers in (
+        ("fetch", True),
+        ("release", True),
+        ("recover", True),
+        ("dead_letter", False),
+        ("purge", False),
+    ):
+        source = (folder / f"{name}.lua").read_text(encoding="utf-8")
+        sources[name] = f"{helpers}\n{source}" if needs_helpers else source
+    return sources
+
+
+@dataclass(frozen=True, slots=True)
+class _Scripts:
+    fetch: Script
+    release: Script
+    recover: Script
+    dead_letter: Script
+    purge: Script
+
+    @classmethod
+    def register(cls, client: redis.Redis) -> _Scripts:
+        return cls(**{name: client.register_script(source) for name, source in _script_sources().items()})
+
+
+class _Translated:
+    """Raise redis-py's errors as celeriac's, naming the broker without its password."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            raise OperationalError(f"Cannot reach the Redis broker at {self.where}: {exc}") from exc
+        if isinstance(exc, redis.RedisError):
+            raise BrokerError(f"The Redis broker at {self.where} failed: {exc}") from exc
+
+
+class RedisBroker(Broker):
+    """A broker on Redis, wire-compatible with Celery's kombu transport.
+
+    Args:
+        url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS; redis-py's ``ssl_*``
+            query parameters apply), ``redis+socket:///path/to.sock`` (or ``unix://``), or
+            ``sentinel://host:port;sentinel://host2:port`` with the `master_name` option.
+        options: `broker_transport_options`: `lease_timeout`; `master_name` and
+            `sentinel_kwargs` for Sentinel; `lease_grace` (seconds a lapsed consumer stays
+            listed, default 10 leases or at least 60 s); and redis-py connection options
+            (`socket_timeout`, `socket_connect_timeout`, `socket_keepalive`,
+            `socket_keepalive_options`, `max_connections`, `health_check_interval`,
+            `client_name`, `username`, `password`).
+
+    Raises:
+        ImproperlyConfigured: The URL or an option is unusable.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+socket", "unix", "sentinel")
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, options)
+        self._where = _safe_url(url)
+        self._connect_args = _connect_args(url, self.options)
+        self.lease_grace = float(self.options.get("lease_grace", max(60.0, 10 * self.lease_timeout)))
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._main: tuple[redis.Redis, _Scripts] | None = None
+        self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
+        self._opened: list[redis.Redis] = []  # every client made, Sentinel's own included
+        self._declared: set[str] = set()
+        self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
+        self._tags = itertools.count(1)
+        self._turn = itertools.count()  # rotates which queue a fetch takes from first
+        self._wait_turn = itertools.count()  # and which queue's first list BLMOVE waits on
+
+    # connections -----------------------------------------------------------------------
+
+    def _link(self) -> tuple[redis.Redis, _Scripts]:
+        if self._pid != os.getpid():
+            self._forget_parent()
+        link = self._main
+        if link is None:
+            with self._lock:
+                link = self._main
+                if link is None:
+                    client = self._connect(retry=True)
+                    link = self._main = (client, _Scripts.register(client))
+        return link
+
+    def _client(self) -> redis.Redis:
+        return self._link()[0]
+
+    def _script(self) -> _Scripts:
+        return self._link()[1]
+
+    def _fetch_client(self) -> redis.Redis:
+        self._client()
+        client = self._fetcher
+        if client is None:
+            with self._lock:
+                client = self._fetcher
+                if client is None:
+                    client = self._fetcher = self._connect(retry=False)
+        return client
+
+    def _connect(self, *, retry: bool) -> redis.Redis:
+        kind, target, kwargs = self._connect_args
+        if not retry:
+            kwargs = {**kwargs, "retry": Retry(NoBackoff(), 0)}
+        if kind == "sentinel":
+            hosts, master_name, sentinel_kwargs = target
+            sentinel_class: Any = Sentinel  # redis-py leaves Sentinel untyped
+            sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)
+            self._opened.extend(sentinel.sentinels)
+            client = cast(redis.Redis, sentinel.master_for(master_name))
+        else:
+            client = redis.Redis.from_url(target, **kwargs)
+        self._opened.append(client)
+        return client
+
+    def _forget_parent(self) -> None:
+        # In a forked child the parent's sockets belong to the parent: drop them unclosed,
+        # and take a consumer id of our own (the parent's leases are the parent's).
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._main = self._fetcher = None
+        self._opened = []
+        self.consumer_id = make_consumer_id()
+
+    def close(self) -> None:
+        """Close this process's connections; the next call opens new ones. Leases stay."""
+        if self._pid != os.getpid():
+            self._forget_parent()
+            return
+        with self._lock:
+            opened, self._opened = self._opened, []
+            self._main = self._fetcher = None
+        for client in opened:
+            client.close()
+            client.connection_pool.disconnect()
+
+    def reset_after_fork(self) -> None:
+        """Drop connections inherited from a parent process and take a fresh consumer id."""
+        self._forget_parent()
+
+    # producing -------------------------------------------------------------------------
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """LPUSH `messages` onto their queues' lists in one round trip, as Celery publishes.
+
+        Args:
+            messages: What to store. An `eta` is not enforced by the broker: the message is
+                visible at once and the worker parks it by the eta in its headers, as Celery does.
+        """
+        if len(messages) == 1 and messages[0].queue in self._declared:
+            message = messages[0]
+            self._send("LPUSH", message.queue + STEP_SUFFIXES[step_of(message.priority)], message.payload)
+        elif messages:
+            self._publish_many(messages)
+
+    def _publish_many(self, messages: Sequence[Outgoing]) -> None:
+        lists: dict[str, list[bytes]] = {}
+        for message in messages:
+            key = message.queue + STEP_SUFFIXES[step_of(message.priority)]
+            lists.setdefault(key, []).append(message.payload)
+        fresh = {message.queue for message in messages} - self._declared
+        pipe = self._client().pipeline(transaction=False)
+        _declare_in(pipe, fresh)
+        for key, payloads in lists.items():
+            for start in range(0, len(payloads), PUSH_CHUNK):
+                pipe.lpush(key, *payloads[start : start + PUSH_CHUNK])
+        with _Translated(self._where):
+            pipe.execute()
+        self._declared |= fresh
+
+    def _send(self, *args: _Arg) -> Any:
+        """Run one command on a pooled connection, without redis-py's per-command machinery.
+
+        redis-py's retries, events and metrics cost about as much as the round trip itself,
+        and the calls on the per-task path (one publish, one ack) need none of them: a
+        failure is raised as OperationalError for the caller's own retry policy.
+        """
+        pool = self._client().connection_pool
+        with _Translated(self._where):
+            connection: Any = pool.get_connection()  # redis-py leaves Connection partly untyped
+            try:
+                connection.send_command(*args)
+                return connection.read_response()
+            except BaseException:
+                connection.disconnect()  # its state is unknown: never hand it out again as is
+                raise
+            finally:
+                pool.release(connection)
+
+    # consuming -------------------------------------------------------------------------
+
+    def fetch(self, queues: Sequence[str], limit: int, timeout: float) -> list[Delivery]:
+        """Lease up to `limit` messages: every queue's first list, then every second one, and so on.
+
+        Args:
+            queues: Queue names to take from; the first queue rotates between calls for fairness.
+            limit: The most messages to return.
+            timeout: Seconds to wait for a first message. A publish to a queue's first list
+                wakes the wait at once; other lists and due delayed messages are looked at
+                every `WAIT_SLICE` (Redis rounds blocking timeouts up to its 100 ms tick).
+
+        Returns:
+            The leased messages, possibly none.
+
+        Raises:
+            OperationalError: Redis could not be reached. Messages the lost reply may have
+                leased come back to their queues when this consumer's old lease lapses.
+        """
+        if limit <= 0 or not queues:
+            return []
+        names = tuple(dict.fromkeys(queues))
+        self._declare(names)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        try:
+            with _Translated(self._where):
+                found = self._take(names, limit)
+                while not found and (remaining := deadline - time.monotonic()) > 0:
+                    found = self._wait(names, limit, remaining)
+                return found
+        except OperationalError:
+            # The server may have leased messages whose reply never arrived; nothing would
+            # ever ack them while this id lives, so move to a new id and let the old lease lapse.
+            self.consumer_id = make_consumer_id()
+            raise
+
+    def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
+        start = next(self._turn) % len(names)
+        order = names[start:] + names[:start]
+        consumer_id = self.consumer_id
+        keys = [CONSUMERS_KEY, INFLIGHT_PREFIX + consumer_id, *self._queue_keys(order)]
+        args: list[_Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
+        reply = self._script().fetch(keys, args, client=self._fetch_client())
+        return self._deliveries(consumer_id, order, reply)
+
+    def _wait(self, names: tuple[str, ...], limit: int, remaining: float) -> list[Delivery]:
+        # The _take before this registered our lease, so what BLMOVE lands is already leased.
+        consumer_id = self.consumer_id
+        queue = names[next(self._wait_turn) % len(names)]
+        pause = min(max(remaining, 0.01), WAIT_SLICE)
+        landed = _command(
+            self._fetch_client(), "BLMOVE", queue, INFLIGHT_PREFIX + consumer_id, "RIGHT", "LEFT", pause
+        )
+        found = [] if landed is None else [self._delivery(f"{consumer_id}|0|", queue, bytes(landed))]
+        if len(found) < limit:
+            found += self._take(names, limit - len(found))
+        return found
+
+    def _queue_keys(self, order: tuple[str, ...]) -> list[str]:
+        keys = self._fetch_keys.get(order)
+        if keys is None:
+            keys = [key for queue in order for key in (DELAYED_PREFIX + queue, *queue_lists(queue))]
+            self._fetch_keys[order] = keys
+        return keys
+
+    def _deliveries(self, consumer_id: str, order: tuple[str, ...], reply: list[Any]) -> list[Delivery]:
+        found: list[Delivery] = []
+        at = 0
+        while at < len(reply):
+            queue, step, count = order[reply[at]], reply[at + 1], reply[at + 2]
+            prefix = f"{consumer_id}|{step}|"
+            found.extend(self._delivery(prefix, queue, payload) for payload in reply[at + 3 : at + 3 + count])
+            at += 3 + count
+        return found
+
+    def _delivery(self, prefix: str, queue: str, payload: bytes) -> Delivery:
+        # The tag names the in-flight list and the step the payload came from, so any
+        # process (a forked child with another consumer id) can ack or release it.
+        attempts = _attempts(payload) if _REDELIVERIES_MARK in payload else 1
+        return Delivery(f"{prefix}{next(self._tags)}", queue, payload, attempts)
+
+    def _declare(self, names: Sequence[str]) -> None:
+        fresh = set(names) - self._declared
+        if fresh:
+            pipe = self._client().pipeline(transaction=False)
+            _declare_in(pipe, fresh)
+            with _Translated(self._where):
+                pipe.execute()
+            self._declared |= fresh
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Forget processed messages, in one round trip.
+
+        Args:
+            deliveries: Messages fetched through any broker object on this Redis; ones no
+                longer in flight are ignored.
+        """
+        if not deliveries:
+            return
+        if len(deliveries) == 1:
+            self._send("LREM", _inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
+            return
+        pipe = self._client().pipeline(transaction=False)
+        for delivery in deliveries:
+            # LREM by hand: redis-py types the value as str, and ours are bytes.
+            _command(pipe, "LREM", _inflight_of(delivery.tag), -1, delivery.payload)
+        with _Translated(self._where):
+            pipe.execute()
+
+    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+        """Return leased messages to the list they came from, or park them until `eta`.
+
+        Without an eta they are consumed next (in their original order), marked redelivered;
+        with one they wait unchanged in their queue's delayed set.
+
+        Args:
+            deliveries: Messages to give back; ones no longer in flight are left alone.
+            eta: Unix time they become visible again; now if None.
+        """
+        if not deliveries:
+            return
+        script = self._script().release
+        client = self._client()
+        with _Translated(self._where):
+            if len(deliveries) == 1:
+                script(*_release_call(deliveries[0], eta), client=client)
+                return
+            pipe = client.pipeline(transaction=False)
+            for delivery in reversed(deliveries):  # the last pushed is consumed first
+                script(*_release_call(delivery, eta), client=pipe)
+            pipe.execute()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a leased message to the dead letters atomically.
+
+        Args:
+            delivery: The message to set aside.
+            reason: Why, for whoever reads `dead_letters()`.
+        """
+        record = _dead_record(delivery.queue, delivery.payload, reason, time.time())
+        keys = [_inflight_of(delivery.tag), DEAD_KEY]
+        with _Translated(self._where):
+            moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
+        if not moved:
+            logger.warning(
+                "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
+            )
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Return dead letters, oldest first.
+
+        Args:
+            queue: Only this queue's; all queues' if None.
+            limit: The most to return.
+
+        Returns:
+            The dead letters.
+        """
+        found: list[DeadLetter] = []
+        if limit <= 0:
+            return found
+        with _Translated(self._where):
+            for raw in self._oldest_dead_first():
+                letter = _read_dead_record(raw)
+                if letter is not None and (queue is None or letter.queue == queue):
+                    found.append(letter)
+                    if len(found) >= limit:
+                        break
+        return found
+
+    def _oldest_dead_first(self) -> Iterator[bytes]:
+        # LPUSHed, so the oldest records are at the right end: read backwards in chunks.
+        client = self._client()
+        end = -1
+        while True:
+            chunk = cast(list[bytes], client.lrange(DEAD_KEY, end - DEAD_LETTER_CHUNK + 1, end))
+            yield from reversed(chunk)
+            if len(chunk) < DEAD_LETTER_CHUNK:
+                return
+            end -= DEAD_LETTER_CHUNK
+
+    def heartbeat(self) -> int:
+        """Renew this consumer's lease and return lapsed consumers' messages to their queues.
+
+        Returns:
+            How many messages went back (marked redelivered, consumed next).
+        """
+        keys = [CONSUMERS_KEY, DEAD_KEY]
+        args: list[_Arg] = [
+            self.consumer_id,
+            self.lease_timeout,
+            self.lease_grace,
+            INFLIGHT_PREFIX,
+            LAPSED_PER_HEARTBEAT,
+        ]
+        with _Translated(self._where):
+            returned, dead = self._script().recover(keys, args, client=self._client())
+        if returned:
+            logger.info("Returned %d messages of lapsed consumers to their queues", returned)
+        if dead:
+            logger.warning("Dead-lettered %d in-flight messages of lapsed consumers (not envelopes)", dead)
+        return int(returned)
+
+    # administration --------------------------------------------------------------------
+
+    def purge(self, queue: str) -> int:
+        """Delete every waiting message of `queue`, delayed ones included; leased ones stay.
+
+        Args:
+            queue: The queue to empty.
+
+        Returns:
+            How many messages were deleted.
+        """
+        with _Translated(self._where):
+            keys = [*queue_lists(queue), DELAYED_PREFIX + queue]
+            return int(self._script().purge(keys, [], client=self._client()))
+
+    def size(self, queue: str) -> int:
+        """Return how many messages wait in `queue`, delayed ones included.
+
+        Args:
+            queue: The queue to count.
+        """
+        with _Translated(self._where):
+            pipe = self._client().pipeline(transaction=True)
+            for key in queue_lists(queue):
+                pipe.llen(key)
+            pipe.zcard(DELAYED_PREFIX + queue)
+            return sum(int(count) for count in pipe.execute())
+
+    def scheduled(self, queue: str) -> int:
+        """Return how many messages of `queue` wait for an eta still to come.
+
+        Args:
+            queue: The queue to count.
+        """
+        with _Translated(self._where):
+            return int(self._client().zcount(DELAYED_PREFIX + queue, f"({time.time()!r}", "+inf"))
+
+    def in_flight(self, consumer_id: str | None = None) -> int:
+        """Return how many messages a consumer (this one by default) holds leased.
+
+        Args:
+            consumer_id: Whose; this broker's `consumer_id` if None.
+        """
+        with _Translated(self._where):
+            key = INFLIGHT_PREFIX + (consumer_id or self.consumer_id)
+            return int(self._client().llen(key))
+
+
+# helpers ----------------------------------------------------------------------------------
+
+
+def _command(client: redis.Redis | Pipeline, *args: _Arg) -> Any:
+    """Send a raw command (redis-py's signatures for BLMOVE and LREM are narrower than Redis's)."""
+    execute: Any = client.execute_command
+    return execute(*args)
+
+
+def _declare_in(pipe: Pipeline, queues: set[str]) -> None:
+    for queue in queues:
+        pipe.sadd(*binding(queue))
+
+
+def _parse_tag(tag: str) -> tuple[str, int] | None:
+    consumer_id, _, rest = tag.partition("|")
+    step, _, _ = rest.partition("|")
+    return (consumer_id, int(step)) if step in ("0", "1", "2", "3") else None
+
+
+def _inflight_of(tag: str) -> str:
+    return INFLIGHT_PREFIX + tag.partition("|")[0]
+
+
+def _release_call(delivery: Delivery, eta: float | None) -> tuple[list[str], list[_Arg]]:
+    parsed = _parse_tag(delivery.tag)
+    consumer_id, step = parsed if parsed is not None else (delivery.tag, 0)
+    inflight = INFLIGHT_PREFIX + consumer_id
+    if eta is None:
+        return [inflight, delivery.queue + STEP_SUFFIXES[step]], [delivery.payload, "now", 0]
+    return [inflight, DELAYED_PREFIX + delivery.queue], [delivery.payload, "at", repr(float(eta))]
+
+
+def _attempts(payload: bytes) -> int:
+    try:
+        headers = orjson.loads(payload).get("headers") or {}
+        return 1 + int(headers.get(REDELIVERIES_HEADER) or 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1
+
+
+def _dead_record(queue: str, payload: bytes, reason: str, when: float) -> bytes:
+    record: dict[str, Any] = {"queue": queue, "reason": reason, "when": when}
+    try:
+        record["payload"] = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        record["payload"], record["payload_encoding"] = payload.hex(), "hex"
+    return orjson.dumps(record)
+
+
+def _read_dead_record(raw: bytes) -> DeadLetter | None:
+    try:
+        record = orjson.loads(raw)
+        text = str(record["payload"])
+        payload = bytes.fromhex(text) if record.get("payload_encoding") == "hex" else text.encode("utf-8")
+        return DeadLetter(str(record["queue"]), payload, str(record["reason"]), float(record["when"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        logger.warning("Skipping an unreadable record in %s: %r", DEAD_KEY, raw[:200])
+        return None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    return ";".join(_without_password(part) for part in url.split(";"))
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + netloc).geturl()
+
+
+def _connect_args(url: str, options: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """Check the URL and options now; return how to connect: (kind, target, client kwargs)."""
+    kwargs = {name: options[name] for name in _CLIENT_OPTIONS if name in options}
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sentinel":
+        return "sentinel", _sentinel_target(url, options), {**_sentinel_auth(url), **kwargs}
+    if scheme == "redis+socket":
+        url = "unix" + url[len("redis+socket") :]
+    elif scheme not in ("redis", "rediss", "unix"):
+        raise ImproperlyConfigured(f"{_safe_url(url)!r} is not a Redis URL")
+    parse_url: Any = redis.connection.parse_url  # untyped in redis-py
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"Unusable Redis broker URL {_safe_url(url)!r}: {exc}") from exc
+    return "url", url, kwargs
+
+
+def sentinel_hosts(url: str) -> list[tuple[str, int]]:
+    """Return the (host, port) of every Sentinel in ``sentinel://h1:p1;sentinel://h2:p2``.
+
+    Raises:
+        ImproperlyConfigured: A part is not a ``sentinel://host[:port]`` URL.
+    """
+    hosts = []
+    for part in filter(None, (piece.strip() for piece in url.split(";"))):
+        parts = urlsplit(part)
+        if parts.scheme.lower() != "sentinel" or not parts.hostname:
+            raise ImproperlyConfigured(f"{_safe_url(part)!r} is not a sentinel://host:port URL")
+        hosts.append((parts.hostname, parts.port or 26379))
+    return hosts
+
+
+def _sentinel_target(url: str, options: Mapping[str, Any]) -> tuple[list[tuple[str, int]], str, Any]:
+    master_name = options.get("master_name")
+    if not master_name:
+        raise ImproperlyConfigured(
+            "A sentinel:// broker needs the name of the master: "
+            "set broker_transport_options = {'master_name': 'mymaster'}"
+        )
+    return sentinel_hosts(url), str(master_name), options.get("sentinel_kwargs")
+
+
+def _sentinel_auth(url: str) -> dict[str, Any]:
+    """Password and database for the master, from the first Sentinel URL that names them."""
+    found: dict[str, Any] = {}
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        if parts.password and "password" not in found:
+            found["password"] = unquote(parts.password)
+        db = parts.path.strip("/")
+        if db.isdigit() and "db" not in found:
+            found["db"] = int(db)
+    return found

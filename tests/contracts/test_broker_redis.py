@@ -1,0 +1,649 @@
+"""What the Redis broker promises beyond the generic contract: kombu's keys, leases, recovery.
+
+Every test runs on a real Redis (database 9, emptied first; see `redis_database`) and looks
+at the raw keys through a plain redis-py client, as a Celery process sharing the Redis would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from celeriac.brokers.base import Delivery, Outgoing
+from celeriac.brokers.redis import RedisBroker, sentinel_hosts
+from celeriac.exceptions import ImproperlyConfigured, OperationalError
+from celeriac.protocol.message import Envelope, pack, unpack
+from tests.contracts.test_broker import eventually, redis_database
+
+QUEUE = "celery"
+SHORT_LEASE = 0.5
+BINDING_MEMBER = b"celery\x06\x16\x06\x16celery"
+ROOT = Path(__file__).resolve().parents[2]
+
+MakeBroker = Callable[..., RedisBroker]
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with redis_database() as url:
+        yield url
+
+
+@pytest.fixture
+def raw(url: str) -> Iterator[redis.Redis]:
+    """A plain client on the test database: what another Celery process would see."""
+    client = redis.Redis.from_url(url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_broker(url: str) -> Iterator[MakeBroker]:
+    made: list[RedisBroker] = []
+
+    def make(**options: Any) -> RedisBroker:
+        broker = RedisBroker(url, options)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def broker(make_broker: MakeBroker) -> RedisBroker:
+    return make_broker()
+
+
+def task_envelope(name: str, priority: int = 0) -> bytes:
+    """A packed task message as Celery lays it out, including headers cjson would mangle."""
+    headers = {
+        "lang": "py",
+        "task": "proj.add",
+        "id": name,
+        "timelimit": [None, None],
+        "stamped_headers": [],
+        "stamps": {},
+        "big": 12345678901234567,
+    }
+    properties = {"correlation_id": name, "priority": priority, "delivery_mode": 2}
+    return pack(Envelope(b"[[2, 2], {}, {}]", "application/json", "utf-8", headers, properties), QUEUE)
+
+
+def inflight(consumer: RedisBroker) -> str:
+    return f"celeriac.inflight.{consumer.consumer_id}"
+
+
+def go_silent(consumer: RedisBroker) -> None:
+    """Stop `consumer` as a SIGKILL would: no more heartbeats, its leases left to lapse."""
+    consumer.close()
+
+
+# kombu's wire format ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("priority", "key"),
+    [
+        (0, b"celery"),
+        (2, b"celery"),
+        (3, b"celery\x06\x163"),
+        (8, b"celery\x06\x166"),
+        (9, b"celery\x06\x169"),
+    ],
+)
+def test_a_published_message_lies_in_kombus_list_for_its_priority_and_the_queue_is_bound(
+    broker: RedisBroker, raw: redis.Redis, priority: int, key: bytes
+) -> None:
+    # Given a task message
+    payload = task_envelope("t1", priority)
+
+    # When it is published with its priority
+    broker.publish([Outgoing(QUEUE, payload, priority=priority)])
+
+    # Then the list kombu uses for that priority holds exactly the envelope, and the queue is bound
+    assert raw.lrange(key, 0, -1) == [payload]
+    assert orjson.loads(payload)["properties"]["delivery_info"] == {"exchange": "", "routing_key": QUEUE}
+    assert raw.smembers(b"_kombu.binding.celery") == {BINDING_MEMBER}
+
+
+def test_a_consumer_binds_the_queues_it_consumes_from(broker: RedisBroker, raw: redis.Redis) -> None:
+    # Given nothing was ever published, when a consumer fetches from two queues
+    broker.fetch([QUEUE, "other"], 1, timeout=0)
+
+    # Then both are bound as kombu binds them, so Celery's tools see them
+    assert raw.smembers("_kombu.binding.celery") == {BINDING_MEMBER}
+    assert raw.smembers("_kombu.binding.other") == {b"other\x06\x16\x06\x16other"}
+
+
+def test_a_message_lpushed_by_a_celery_style_producer_is_fetched(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given messages pushed the way Celery pushes them: pack, then LPUSH on the priority's list
+    plain, least_urgent = task_envelope("plain"), task_envelope("least urgent", 9)
+    raw.lpush("celery\x06\x169", least_urgent)
+    raw.lpush("celery", plain)
+
+    # When a consumer fetches
+    fetched = broker.fetch([QUEUE], 10, timeout=1)
+
+    # Then it gets both, byte for byte, most urgent (0) first, on their first attempt
+    assert [d.payload for d in fetched] == [plain, least_urgent]
+    assert [(d.queue, d.attempts) for d in fetched] == [(QUEUE, 1), (QUEUE, 1)]
+
+
+def test_messages_published_together_keep_their_order_within_each_list(broker: RedisBroker) -> None:
+    # Given a batch mixing two priorities, published in one call
+    batch = [Outgoing(QUEUE, str(n).encode(), priority=9 if n % 2 else 0) for n in range(2500)]
+    broker.publish(batch)
+
+    # When everything is fetched
+    fetched = broker.fetch([QUEUE], 5000, timeout=1)
+
+    # Then the urgent ones come first, each priority in publish order
+    evens, odds = [str(n).encode() for n in range(0, 2500, 2)], [str(n).encode() for n in range(1, 2500, 2)]
+    assert [d.payload for d in fetched] == evens + odds
+
+
+# leases -----------------------------------------------------------------------------------------
+
+
+def test_fetch_moves_messages_into_the_consumers_inflight_list(broker: RedisBroker, raw: redis.Redis) -> None:
+    # Given three waiting messages
+    broker.publish([Outgoing(QUEUE, f"m{n}".encode()) for n in range(3)])
+
+    # When a consumer fetches two
+    fetched = broker.fetch([QUEUE], 2, timeout=1)
+
+    # Then the queue lost exactly those, and the consumer's in-flight list holds them, leased
+    assert raw.lrange(QUEUE, 0, -1) == [b"m2"]
+    assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m0", b"m1"] == [d.payload for d in fetched]
+    assert raw.zscore("celeriac.consumers", broker.consumer_id) is not None
+
+    # And acking them empties the in-flight list
+    broker.ack(fetched)
+    assert raw.llen(inflight(broker)) == 0
+
+
+def test_a_lapsed_consumers_messages_come_back_marked_redelivered_and_counted(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased a Celery message and went silent
+    first = make_broker(lease_timeout=SHORT_LEASE)
+    first.publish_one(QUEUE, task_envelope("t1"))
+    [original] = first.fetch([QUEUE], 1, timeout=1)
+    go_silent(first)
+
+    # When another consumer heartbeats until the lease lapses
+    second = make_broker(lease_timeout=SHORT_LEASE)
+    assert eventually(second.heartbeat) == 1
+
+    # Then the message is back, marked as kombu marks restored messages, on its second attempt
+    [again] = second.fetch([QUEUE], 1, timeout=1)
+    assert (again.attempts, again.redelivered) == (2, True)
+    document, before = orjson.loads(again.payload), orjson.loads(original.payload)
+    assert document["headers"]["redelivered"] is True
+    assert document["properties"]["delivery_info"]["redelivered"] is True
+    assert document["headers"]["x-celeriac-redeliveries"] == 1
+
+    # And nothing else changed: the body, empty lists and big integers are intact
+    for added in ("redelivered", "x-celeriac-redeliveries"):
+        del document["headers"][added]
+    del document["properties"]["delivery_info"]["redelivered"]
+    assert document == before
+    assert b'"stamped_headers":[]' in again.payload
+    assert raw.exists(inflight(first)) == 0
+
+    # When the second consumer dies too, then a third gets the message on its third attempt
+    go_silent(second)
+    third = make_broker(lease_timeout=SHORT_LEASE)
+    assert eventually(third.heartbeat) == 1
+    [thrice] = third.fetch([QUEUE], 1, timeout=1)
+    assert (thrice.attempts, unpack(thrice.payload).body) == (3, unpack(original.payload).body)
+
+
+def test_a_live_consumer_keeps_its_messages_past_its_lease_by_heartbeating(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer holding a message under a short lease
+    holder, watcher = make_broker(lease_timeout=SHORT_LEASE), make_broker(lease_timeout=SHORT_LEASE)
+    holder.publish_one(QUEUE, task_envelope("long"))
+    [held] = holder.fetch([QUEUE], 1, timeout=1)
+
+    # When it heartbeats for three leases while another consumer heartbeats too
+    until = time.monotonic() + 3 * SHORT_LEASE
+    while time.monotonic() < until:
+        holder.heartbeat()
+        # Then the other never takes the message back
+        assert watcher.heartbeat() == 0
+        time.sleep(SHORT_LEASE / 10)
+
+    # And it is still in the holder's in-flight list, unchanged
+    assert raw.lrange(inflight(holder), 0, -1) == [held.payload]
+
+
+def test_a_message_without_an_envelope_left_by_a_lapsed_consumer_becomes_a_dead_letter(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a lapsed consumer that held a payload which is not a kombu envelope
+    lost = make_broker(lease_timeout=SHORT_LEASE)
+    lost.publish_one(QUEUE, b"\x00not json\xff")
+    lost.fetch([QUEUE], 1, timeout=1)
+    go_silent(lost)
+
+    # When another consumer heartbeats past the lease
+    survivor = make_broker(lease_timeout=SHORT_LEASE)
+
+    def swept() -> bool:
+        survivor.heartbeat()
+        return raw.exists(inflight(lost)) == 0
+
+    eventually(swept)
+
+    # Then the payload, whose queue cannot be known, is kept among the dead letters
+    [letter] = survivor.dead_letters()
+    assert letter.payload == b"\x00not json\xff"
+    assert "not a kombu envelope" in letter.reason
+    assert survivor.size(QUEUE) == 0
+
+
+def _fetch_then_die(url: str, how: str) -> None:
+    # Runs in a child interpreter: lease messages, say so, then die without acking.
+    broker = RedisBroker(url, {"lease_timeout": SHORT_LEASE})
+    print(len(broker.fetch([QUEUE], 10, timeout=5)), flush=True)
+    if how == "exit":
+        import os
+
+        os._exit(0)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+def test_a_consumer_killed_between_fetch_and_ack_loses_nothing(
+    make_broker: MakeBroker, url: str, how: str
+) -> None:
+    # Given three waiting messages
+    survivor = make_broker(lease_timeout=SHORT_LEASE)
+    survivor.publish([Outgoing(QUEUE, task_envelope(f"t{n}")) for n in range(3)])
+
+    # When a consumer process leases them all and dies (SIGKILL, or exit) before acking
+    code = f"from tests.contracts.test_broker_redis import _fetch_then_die; _fetch_then_die({url!r}, {how!r})"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "3"
+        if how == "sigkill":
+            child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+
+    # Then a live consumer's heartbeat returns all three, and they are fetched again
+    assert eventually(survivor.heartbeat) == 3
+    fetched = survivor.fetch([QUEUE], 10, timeout=1)
+    assert [unpack(d.payload).headers["id"] for d in fetched] == ["t0", "t1", "t2"]
+    assert {d.attempts for d in fetched} == {2}
+
+
+# ack, release, dead letters across processes --------------------------------------------------
+
+
+def test_a_message_acked_by_another_broker_object_leaves_the_fetchers_inflight_list(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased two messages
+    fetcher = make_broker()
+    fetcher.publish([Outgoing(QUEUE, b"acked"), Outgoing(QUEUE, b"released")])
+    acked, released = fetcher.fetch([QUEUE], 2, timeout=1)
+
+    # When another broker object (a pool child, with its own consumer id) acks one and releases the other
+    child = make_broker()
+    assert child.consumer_id != fetcher.consumer_id
+    child.ack([acked])
+    child.release([released])
+
+    # Then the fetcher holds neither, and the released one waits in its queue again
+    assert raw.llen(inflight(fetcher)) == 0
+    assert raw.lrange(QUEUE, 0, -1) == [b"released"]
+
+
+def _ack_in_forked_child(broker: RedisBroker, delivery: Delivery, parent_id: str) -> None:
+    broker.reset_after_fork()  # what the prefork pool does first in every child
+    broker.ack([delivery])
+    raise SystemExit(0 if broker.consumer_id != parent_id else 1)
+
+
+def test_a_forked_child_acks_its_parents_delivery_on_its_own_connection(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a parent that leased a message (so it holds open connections)
+    broker.publish_one(QUEUE, b"job")
+    [delivery] = broker.fetch([QUEUE], 1, timeout=1)
+
+    # When a forked child resets the inherited broker and acks the message
+    context: Any = multiprocessing.get_context("fork")
+    child = context.Process(target=_ack_in_forked_child, args=(broker, delivery, broker.consumer_id))
+    child.start()
+    child.join(30)
+
+    # Then the child took its own consumer id, the message is gone, and the parent still works
+    assert child.exitcode == 0
+    assert raw.llen(inflight(broker)) == 0
+    broker.publish_one(QUEUE, b"next")
+    assert [d.payload for d in broker.fetch([QUEUE], 1, timeout=1)] == [b"next"]
+
+
+def test_release_without_an_eta_puts_messages_back_to_be_consumed_next_in_order(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given two leased messages and a newer one waiting
+    broker.publish([Outgoing(QUEUE, task_envelope("a")), Outgoing(QUEUE, task_envelope("b"))])
+    leased = broker.fetch([QUEUE], 2, timeout=1)
+    broker.publish_one(QUEUE, task_envelope("newer"))
+
+    # When both are released (as a worker does with prefetched messages at shutdown)
+    broker.release(leased)
+
+    # Then they come before the newer one, in their original order, as redeliveries
+    fetched = broker.fetch([QUEUE], 3, timeout=1)
+    assert [unpack(d.payload).headers["id"] for d in fetched] == ["a", "b", "newer"]
+    assert [d.attempts for d in fetched] == [2, 2, 1]
+
+
+KOMBU_STYLE = {  # json.dumps' default spacing, as kombu writes it, and strings that look like JSON
+    "body": "W1tdLCB7fSwge31d",
+    "headers": {
+        "argsrepr": '("headers": {"redelivered": 1}, \\"q\\")',
+        "nested": {"headers": {}, "redelivered": False, "list": [[], {}, [1, [2]]]},
+        "redelivered": False,
+        "uni": "h\u00e9 \u2603 \\u00e9",
+    },
+    "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0},
+}
+
+
+@pytest.mark.parametrize(
+    ("document", "attempts"),
+    [
+        (KOMBU_STYLE, 2),
+        ({"body": "", "headers": None, "properties": {"delivery_info": None}}, 2),
+        ({"body": ""}, 2),
+        ({"body": "", "headers": {"x-celeriac-redeliveries": 4}, "properties": {}}, 6),
+    ],
+    ids=["kombu-spacing-and-tricky-strings", "nulls", "bare", "counted-before"],
+)
+def test_a_released_envelope_is_marked_redelivered_whatever_its_layout(
+    broker: RedisBroker, document: dict[str, Any], attempts: int
+) -> None:
+    # Given an envelope written with json.dumps (spaces after separators), fetched
+    broker.publish_one(QUEUE, json.dumps(document).encode())
+    broker.release(broker.fetch([QUEUE], 1, timeout=1))
+
+    # When it is fetched again
+    [again] = broker.fetch([QUEUE], 1, timeout=1)
+
+    # Then it is the same document plus the redelivery marks, counted one more time
+    marked = orjson.loads(again.payload)
+    expected = json.loads(json.dumps(document))
+    expected["headers"] = {**(expected.get("headers") or {}), "redelivered": True}
+    expected["headers"]["x-celeriac-redeliveries"] = attempts - 1
+    properties = expected.setdefault("properties", {})
+    properties["delivery_info"] = {**(properties.get("delivery_info") or {}), "redelivered": True}
+    assert (marked, again.attempts) == (expected, attempts)
+
+
+def test_a_released_payload_that_is_not_a_json_object_comes_back_unchanged(broker: RedisBroker) -> None:
+    # Given a fetched payload that is JSON but not an object, when it is released and fetched again
+    broker.publish_one(QUEUE, b"[1, 2]")
+    broker.release(broker.fetch([QUEUE], 1, timeout=1))
+    [again] = broker.fetch([QUEUE], 1, timeout=1)
+
+    # Then it is unchanged: there is nowhere to count its attempts
+    assert (again.payload, again.attempts) == (b"[1, 2]", 1)
+
+
+def test_release_with_an_eta_parks_the_message_until_it_is_due(broker: RedisBroker, raw: redis.Redis) -> None:
+    # Given a leased message
+    broker.publish_one(QUEUE, task_envelope("later"))
+    [delivery] = broker.fetch([QUEUE], 1, timeout=1)
+
+    # When it is released until shortly from now
+    eta = time.time() + 0.5
+    broker.release([delivery], eta=eta)
+
+    # Then it waits, unchanged, in the queue's delayed set, and no fetch gets it before its eta
+    assert raw.zscore("celeriac.delayed.celery", delivery.payload) == pytest.approx(eta)
+    assert (raw.llen(inflight(broker)), raw.llen(QUEUE)) == (0, 0)
+    assert (broker.size(QUEUE), broker.scheduled(QUEUE)) == (1, 1)
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+
+    # And once due, a waiting fetch gets it, as a first delivery (parking is not an attempt)
+    [due] = broker.fetch([QUEUE], 1, timeout=5)
+    assert time.time() >= eta
+    assert (due.payload, due.attempts) == (delivery.payload, 1)
+    assert raw.exists("celeriac.delayed.celery") == 0
+
+
+def test_due_delayed_messages_are_moved_once_even_with_two_consumers_fetching_at_once(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given 300 messages parked until the same moment (more than one fetch moves at a time)
+    parker = make_broker()
+    parker.publish([Outgoing(QUEUE, str(n).encode()) for n in range(300)])
+    parker.release(parker.fetch([QUEUE], 300, timeout=1), eta=time.time() + 0.3)
+    assert parker.scheduled(QUEUE) == 300
+
+    # When two consumers in two threads fetch and ack until everything has come through
+    seen: list[list[bytes]] = [[], []]
+    deadline = time.monotonic() + 10
+
+    def drain(consumer: RedisBroker, mine: list[bytes]) -> None:
+        while sum(map(len, seen)) < 300 and time.monotonic() < deadline:
+            batch = consumer.fetch([QUEUE], 7, timeout=0.2)
+            mine.extend(d.payload for d in batch)
+            consumer.ack(batch)
+
+    threads = [threading.Thread(target=drain, args=(make_broker(), mine)) for mine in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+
+    # Then each message was delivered exactly once and nothing is left anywhere
+    assert sorted(int(p) for mine in seen for p in mine) == list(range(300))
+    assert raw.exists("celeriac.delayed.celery", QUEUE) == 0
+
+
+def test_dead_letter_moves_the_message_from_inflight_to_the_dead_list(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a leased task message and a leased payload that is not UTF-8
+    broker.publish([Outgoing(QUEUE, task_envelope("poison")), Outgoing(QUEUE, b"\xff\xfe")])
+    poison, binary = broker.fetch([QUEUE], 2, timeout=1)
+
+    # When both are dead-lettered
+    broker.dead_letter(poison, "NotRegistered: proj.add")
+    broker.dead_letter(binary, "undecodable")
+
+    # Then they left the in-flight list for celeriac.dead, the envelope kept as JSON text
+    assert raw.llen(inflight(broker)) == 0
+    oldest = orjson.loads(raw.lrange("celeriac.dead", -1, -1)[0])
+    assert (oldest["queue"], oldest["reason"]) == (QUEUE, "NotRegistered: proj.add")
+    assert oldest["payload"] == poison.payload.decode()
+
+    # And both read back, oldest first, bytes intact; dead-lettering twice changes nothing
+    broker.dead_letter(poison, "again")
+    letters = broker.dead_letters(QUEUE)
+    assert [(d.payload, d.reason) for d in letters] == [
+        (poison.payload, "NotRegistered: proj.add"),
+        (b"\xff\xfe", "undecodable"),
+    ]
+
+
+# administration --------------------------------------------------------------------------------
+
+
+def test_purge_deletes_every_list_and_the_delayed_set_but_not_leased_messages(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a message on each priority list, one parked with an eta and one leased
+    broker.publish([Outgoing(QUEUE, b"leased")])
+    [leased] = broker.fetch([QUEUE], 1, timeout=1)
+    broker.publish([Outgoing(QUEUE, f"p{p}".encode(), priority=p) for p in (0, 3, 6, 9, 4)])
+    [parked] = broker.fetch([QUEUE], 1, timeout=1)
+    broker.release([parked], eta=time.time() + 60)
+
+    # When the queue is purged
+    purged = broker.purge(QUEUE)
+
+    # Then the five waiting ones are gone with their keys; the leased one stays in flight
+    assert purged == 5
+    assert raw.keys("celery*") == []
+    assert raw.exists("celeriac.delayed.celery") == 0
+    assert raw.lrange(inflight(broker), 0, -1) == [leased.payload]
+    assert broker.size(QUEUE) == 0
+
+
+def test_a_waiting_fetch_wakes_promptly_when_a_message_is_pushed_from_another_connection(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer blocked in a fetch with a long timeout on two queues
+    consumer = make_broker()
+    returned: list[tuple[float, list[Delivery]]] = []
+
+    def wait() -> None:
+        found = consumer.fetch(["other", QUEUE], 1, timeout=10)
+        returned.append((time.monotonic(), found))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    eventually(lambda: any(client.get("cmd") == "blmove" for client in raw.client_list()))
+
+    # When a Celery-style producer LPUSHes onto the second queue
+    pushed = time.monotonic()
+    raw.lpush(QUEUE, b"wake up")
+    waiter.join(15)
+
+    # Then the fetch returns the message far sooner than its timeout
+    [(done, found)] = returned
+    assert [d.payload for d in found] == [b"wake up"]
+    assert done - pushed < 1.0
+
+
+def test_an_unreachable_redis_raises_operational_error_without_the_password() -> None:
+    # Given a broker on a port where nothing listens, with a password in its URL
+    broker = RedisBroker("redis://:s3cret@127.0.0.1:1/0")
+
+    # When it is used, then it raises OperationalError naming the address but not the password
+    for use in (lambda: broker.publish_one(QUEUE, b"x"), lambda: broker.fetch([QUEUE], 1, timeout=0)):
+        with pytest.raises(OperationalError) as failure:
+            use()
+        assert "127.0.0.1:1" in str(failure.value)
+        assert "s3cret" not in str(failure.value)
+        assert isinstance(failure.value.__cause__, redis.ConnectionError)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "complaint"),
+    [
+        ("sentinel://127.0.0.1:26379", {}, "master_name"),
+        ("sentinel://127.0.0.1:26379;redis://x:1", {"master_name": "m"}, "sentinel://host:port"),
+        ("redis://127.0.0.1:99999/0", {}, "Unusable Redis broker URL"),
+    ],
+)
+def test_an_unusable_redis_url_is_refused_when_the_broker_is_made(
+    url: str, options: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ImproperlyConfigured, match=complaint):
+        RedisBroker(url, options)
+
+
+def test_sentinel_urls_list_every_sentinel() -> None:
+    # Given kombu's form for several Sentinels, when it is read, then each host and port is found
+    assert sentinel_hosts("sentinel://:pw@a:26380/9;sentinel://b;sentinel://c:1") == [
+        ("a", 26380),
+        ("b", 26379),
+        ("c", 1),
+    ]
+
+
+# other ways to reach Redis ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A throwaway redis-server on its own TCP port and unix socket, and a Sentinel watching it."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed: cannot start a private Redis and Sentinel")
+    port, sentinel_port, sock = _free_port(), _free_port(), tmp_path / "redis.sock"
+    config = tmp_path / "sentinel.conf"
+    config.write_text(f"port {sentinel_port}\nsentinel monitor mymaster 127.0.0.1 {port} 1\n")
+    processes = [
+        subprocess.Popen(
+            [server, "--port", str(port), "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen([server, str(config), "--sentinel"], stdout=subprocess.DEVNULL),
+    ]
+    try:
+        for ready in (port, sentinel_port):
+            eventually(lambda ready=ready: _answers(ready))  # type: ignore[misc]
+        yield sentinel_port, sock
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(30)
+
+
+def _answers(port: int) -> bool:
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
+def test_a_broker_reaches_redis_through_a_unix_socket_and_through_sentinel(
+    private_redis: tuple[int, Path],
+) -> None:
+    # Given a Redis reachable by a unix socket, and a Sentinel that knows it as "mymaster"
+    sentinel_port, sock = private_redis
+    by_socket = RedisBroker(f"redis+socket://{sock}")
+    by_sentinel = RedisBroker(f"sentinel://127.0.0.1:{sentinel_port}", {"master_name": "mymaster"})
+    try:
+        # When one publishes and the other fetches
+        by_socket.publish_one(QUEUE, b"found you")
+        fetched = by_sentinel.fetch([QUEUE], 1, timeout=1)
+
+        # Then both reached the same Redis
+        assert [d.payload for d in fetched] == [b"found you"]
+        by_socket.ack(fetched)
+        assert by_sentinel.size(QUEUE) == 0
+    finally:
+        by_socket.close()
+        by_sentinel.close()
