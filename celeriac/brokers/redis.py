@@ -35,12 +35,22 @@ parks it with ``release(eta=...)``. A message that goes back to its queue (a lap
 consumer's, or released without an eta) is marked as kombu marks restored messages
 (``headers.redelivered`` and ``properties.delivery_info.redelivered``) and carries its
 redelivery count in ``headers["x-celeriac-redeliveries"]``; `Delivery.attempts` is that
-count plus one. Payloads that are not kombu envelopes travel fine but cannot carry a
-count, and if their consumer dies they become dead letters (their queue is unknown).
+count plus one. Parking with an eta is not a redelivery and leaves the payload as it is.
+Payloads that are not kombu envelopes travel fine but cannot carry a count, and if their
+consumer dies they become dead letters (their queue is unknown).
+
+A `Delivery.tag` is ``<consumer id>|<step>|<n>``: the in-flight list and the list the
+payload came from, so ack, release and dead_letter work from any process, such as a
+forked pool child with a consumer id of its own. Each process has two redis-py clients:
+one with redis-py's retries, and one without for fetching, because a fetch replayed after a
+lost reply would strand the first attempt's messages in a live consumer's in-flight list
+(after a failed fetch the broker takes a new consumer id, so they return once the old
+lease lapses).
 
 Not supported: Redis Cluster (a queue's four lists and our keys cannot share one hash
-slot, and the scripts build key names), kombu's ``global_keyprefix``, ``sep``,
-``priority_steps`` and ``queue_order_strategy`` options (we use kombu's defaults), and
+slot, and the scripts build key names); kombu's ``global_keyprefix``, ``sep`` and
+``priority_steps`` options (refused unless they hold kombu's defaults, since they move the
+keys) and ``queue_order_strategy`` (ignored: queues rotate round-robin, kombu's default);
 named exchanges on publish (messages go to the default exchange, as Celery sends them).
 Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
 """
@@ -568,16 +578,6 @@ class RedisBroker(Broker):
         with _Translated(self._where):
             return int(self._client().zcount(DELAYED_PREFIX + queue, f"({time.time()!r}", "+inf"))
 
-    def in_flight(self, consumer_id: str | None = None) -> int:
-        """Return how many messages a consumer (this one by default) holds leased.
-
-        Args:
-            consumer_id: Whose; this broker's `consumer_id` if None.
-        """
-        with _Translated(self._where):
-            key = INFLIGHT_PREFIX + (consumer_id or self.consumer_id)
-            return int(self._client().llen(key))
-
 
 # helpers ----------------------------------------------------------------------------------
 
@@ -656,6 +656,7 @@ def _without_password(url: str) -> str:
 
 def _connect_args(url: str, options: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
     """Check the URL and options now; return how to connect: (kind, target, client kwargs)."""
+    _refuse_other_layouts(options)
     kwargs = {name: options[name] for name in _CLIENT_OPTIONS if name in options}
     scheme = urlsplit(url).scheme.lower()
     if scheme == "sentinel":
@@ -670,6 +671,18 @@ def _connect_args(url: str, options: Mapping[str, Any]) -> tuple[str, Any, dict[
     except ValueError as exc:
         raise ImproperlyConfigured(f"Unusable Redis broker URL {_safe_url(url)!r}: {exc}") from exc
     return "url", url, kwargs
+
+
+def _refuse_other_layouts(options: Mapping[str, Any]) -> None:
+    # These kombu options move the keys; ignoring them would leave celeriac and Celery
+    # silently blind to each other's messages, so a non-default value is refused.
+    layout = {"global_keyprefix": "", "sep": SEP, "priority_steps": [0, 3, 6, 9]}
+    for name, default in layout.items():
+        if name in options and options[name] != default:
+            raise ImproperlyConfigured(
+                f"The Redis broker supports only kombu's default {name} ({default!r}), "
+                f"not {options[name]!r}: remove it from broker_transport_options"
+            )
 
 
 def sentinel_hosts(url: str) -> list[tuple[str, int]]:

@@ -565,6 +565,8 @@ def test_an_unreachable_redis_raises_operational_error_without_the_password() ->
         ("sentinel://127.0.0.1:26379", {}, "master_name"),
         ("sentinel://127.0.0.1:26379;redis://x:1", {"master_name": "m"}, "sentinel://host:port"),
         ("redis://127.0.0.1:99999/0", {}, "Unusable Redis broker URL"),
+        ("redis://127.0.0.1:6379/0", {"global_keyprefix": "app:"}, "global_keyprefix"),
+        ("redis://127.0.0.1:6379/0", {"priority_steps": [0, 5]}, "priority_steps"),
     ],
 )
 def test_an_unusable_redis_url_is_refused_when_the_broker_is_made(
