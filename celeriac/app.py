@@ -75,6 +75,7 @@ class Celery:
         self._broker: Broker | None = None
         self._backend: ResultBackend | None = None
         self._backend_made = False
+        self._router: sending.Router | None = None
         self._lock = threading.Lock()
         if set_as_current:
             _state.set_current_app(self)
@@ -278,7 +279,11 @@ class Celery:
     @property
     def router(self) -> sending.Router:
         """Chooses queues from `task_routes` and `task_default_queue`."""
-        return sending.Router(self.conf.task_routes, self.conf.task_default_queue)
+        routes, default = self.conf.task_routes, self.conf.task_default_queue
+        cached = self._router
+        if cached is None or cached.source is not routes or cached.default_queue != default:
+            cached = self._router = sending.Router(routes, default)
+        return cached
 
     # results ---------------------------------------------------------------------------
 

@@ -173,6 +173,7 @@ class Router:
     """Chooses a queue for a task name from `task_routes` (dicts with globs or regexes, or callables)."""
 
     def __init__(self, routes: Any, default_queue: str) -> None:
+        self.source = routes
         self.default_queue = default_queue
         if routes is None:
             self.routes: list[Any] = []

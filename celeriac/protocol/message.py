@@ -9,8 +9,8 @@ stores too, so every broker moves the same opaque bytes.
 from __future__ import annotations
 
 import base64
+import os
 import reprlib
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,10 +26,32 @@ _repr.maxlist = _repr.maxdict = _repr.maxtuple = 30
 _repr.maxlevel = 4
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+_SHORT_STRING = 200
+
+
+def _plain(value: Any) -> bool:
+    # Containers of numbers and short strings: repr() is cheap and bounded, no reprlib needed.
+    items = value.values() if isinstance(value, dict) else value
+    return len(items) <= 30 and all(
+        type(item) in _SCALARS or (type(item) is str and len(item) <= _SHORT_STRING) for item in items
+    )
+
+
 def short_repr(value: Any, limit: int = ARGSREPR_LIMIT) -> str:
     """Return a bounded repr of `value`, as shown in logs, events and inspect replies."""
-    text = _repr.repr(value)
+    fast = type(value) in (tuple, list, dict) and _plain(value)
+    text = repr(value) if fast else _repr.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _uuid4_text() -> str:
+    # str(uuid.uuid4()) builds and validates a UUID object; this makes the same text directly.
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +108,7 @@ def parse_time(value: Any) -> datetime | None:
 
 def new_id() -> str:
     """Return a fresh task id (a uuid4 string, as Celery makes them)."""
-    return str(uuid.uuid4())
+    return _uuid4_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +165,7 @@ def pack(envelope: Envelope, routing_key: str, exchange: str = "") -> bytes:
     properties = dict(envelope.properties)
     properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
     properties["body_encoding"] = "base64"
-    properties["delivery_tag"] = str(uuid.uuid4())
+    properties["delivery_tag"] = _uuid4_text()
     document = {
         "body": base64.b64encode(envelope.body).decode("ascii"),
         "content-encoding": envelope.content_encoding,

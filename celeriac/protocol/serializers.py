@@ -74,9 +74,13 @@ def _tag_uuids(obj: Any) -> Any:
     if isinstance(obj, uuid.UUID):
         return _tagged("uuid", {"hex": obj.hex, "version": obj.version})
     if isinstance(obj, list | tuple):
+        if all(type(item) in _SCALARS for item in obj):  # the usual case: nothing to walk
+            return obj
         items = [_tag_uuids(item) for item in obj]
         return items if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
     if isinstance(obj, dict):
+        if all(type(value) in _SCALARS for value in obj.values()):
+            return obj
         pairs = {key: _tag_uuids(value) for key, value in obj.items()}
         return pairs if any(pairs[k] is not obj[k] for k in obj) else obj
     return obj
