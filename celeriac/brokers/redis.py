@@ -66,17 +66,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from types import TracebackType
 from typing import Any, ClassVar, cast
-from urllib.parse import unquote, urlsplit
 
 import orjson
 import redis
-from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.commands.core import Script
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
 from celeriac.brokers.base import (
     Broker,
@@ -87,6 +82,8 @@ from celeriac.brokers.base import (
     make_consumer_id,
 )
 from celeriac.exceptions import BrokerError, ImproperlyConfigured, OperationalError
+from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
+from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -105,16 +102,25 @@ MOVE_DUE_PER_FETCH = 100  # due delayed messages moved per queue and fetch
 LAPSED_PER_HEARTBEAT = 100  # lapsed consumers handled per heartbeat
 PUSH_CHUNK = 1000  # payloads per LPUSH
 DEAD_LETTER_CHUNK = 500
-_CLIENT_OPTIONS = (
-    "socket_timeout",
-    "socket_connect_timeout",
-    "socket_keepalive",
-    "socket_keepalive_options",
-    "max_connections",
-    "health_check_interval",
-    "client_name",
-    "username",
-    "password",
+_ROLE = Role(
+    noun="Redis broker",
+    setting="broker_transport_options",
+    client_options=frozenset(
+        {
+            "socket_timeout",
+            "socket_connect_timeout",
+            "socket_keepalive",
+            "socket_keepalive_options",
+            "max_connections",
+            "health_check_interval",
+            "client_name",
+            "username",
+            "password",
+        }
+    ),
+    default_client_options={},
+    unreachable=OperationalError,
+    failed=BrokerError,
 )
 _Arg = bytes | str | int | float  # a script argument
 
@@ -165,30 +171,12 @@ class _Scripts:
         return cls(**{name: client.register_script(source) for name, source in _script_sources().items()})
 
 
-class _Translated:
-    """Raise redis-py's errors as celeriac's, naming the broker without its password."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-            raise OperationalError(f"Cannot reach the Redis broker at {self.where}: {exc}") from exc
-        if isinstance(exc, redis.RedisError):
-            raise BrokerError(f"The Redis broker at {self.where} failed: {exc}") from exc
-
-
 class RedisBroker(Broker):
     """A broker on Redis, wire-compatible with Celery's kombu transport.
 
     Args:
         url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS; redis-py's ``ssl_*``
-            query parameters apply), ``redis+socket:///path/to.sock`` (or ``unix://``), or
+            query parameters apply), ``redis+socket:///path/to.sock[?virtual_host=db]`` (or ``unix://``), or
             ``sentinel://host:port;sentinel://host2:port`` with the `master_name` option.
         options: `broker_transport_options`: `lease_timeout`; `master_name` and
             `sentinel_kwargs` for Sentinel; `lease_grace` (seconds a lapsed consumer stays
@@ -205,14 +193,15 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
-        self._where = _safe_url(url)
-        self._connect_args = _connect_args(url, self.options)
+        _refuse_other_layouts(self.options)
+        self._endpoint = endpoint(url, self.options, _ROLE)
+        self._translated = Translated(_ROLE, self._endpoint.redacted)
         self.lease_grace = float(self.options.get("lease_grace", max(60.0, 10 * self.lease_timeout)))
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._main: tuple[redis.Redis, _Scripts] | None = None
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
-        self._opened: list[redis.Redis] = []  # every client made, Sentinel's own included
+        self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
@@ -250,17 +239,7 @@ class RedisBroker(Broker):
         return client
 
     def _connect(self, *, retry: bool) -> redis.Redis:
-        kind, target, kwargs = self._connect_args
-        if not retry:
-            kwargs = {**kwargs, "retry": Retry(NoBackoff(), 0)}
-        if kind == "sentinel":
-            hosts, master_name, sentinel_kwargs = target
-            sentinel_class: Any = Sentinel  # redis-py leaves Sentinel untyped
-            sentinel = sentinel_class(hosts, sentinel_kwargs=sentinel_kwargs, **kwargs)
-            self._opened.extend(sentinel.sentinels)
-            client = cast(redis.Redis, sentinel.master_for(master_name))
-        else:
-            client = redis.Redis.from_url(target, **kwargs)
+        client = self._endpoint.connect() if retry else self._endpoint.connect(retry=no_retry())
         self._opened.append(client)
         return client
 
@@ -282,8 +261,7 @@ class RedisBroker(Broker):
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
         for client in opened:
-            client.close()
-            client.connection_pool.disconnect()
+            close_client(client)
 
     def reset_after_fork(self) -> None:
         """Drop connections inherited from a parent process and take a fresh consumer id."""
@@ -315,7 +293,7 @@ class RedisBroker(Broker):
         for key, payloads in lists.items():
             for start in range(0, len(payloads), PUSH_CHUNK):
                 pipe.lpush(key, *payloads[start : start + PUSH_CHUNK])
-        with _Translated(self._where):
+        with self._translated:
             pipe.execute()
         self._declared |= fresh
 
@@ -327,7 +305,7 @@ class RedisBroker(Broker):
         failure is raised as OperationalError for the caller's own retry policy.
         """
         pool = self._client().connection_pool
-        with _Translated(self._where):
+        with self._translated:
             connection: Any = pool.get_connection()  # redis-py leaves Connection partly untyped
             try:
                 connection.send_command(*args)
@@ -363,7 +341,7 @@ class RedisBroker(Broker):
         self._declare(names)
         deadline = time.monotonic() + max(timeout, 0.0)
         try:
-            with _Translated(self._where):
+            with self._translated:
                 found = self._take(names, limit)
                 while not found and (remaining := deadline - time.monotonic()) > 0:
                     found = self._wait(names, limit, remaining)
@@ -424,7 +402,7 @@ class RedisBroker(Broker):
         if fresh:
             pipe = self._client().pipeline(transaction=False)
             _declare_in(pipe, fresh)
-            with _Translated(self._where):
+            with self._translated:
                 pipe.execute()
             self._declared |= fresh
 
@@ -444,7 +422,7 @@ class RedisBroker(Broker):
         for delivery in deliveries:
             # LREM by hand: redis-py types the value as str, and ours are bytes.
             _command(pipe, "LREM", _inflight_of(delivery.tag), -1, delivery.payload)
-        with _Translated(self._where):
+        with self._translated:
             pipe.execute()
 
     def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
@@ -461,7 +439,7 @@ class RedisBroker(Broker):
             return
         script = self._script().release
         client = self._client()
-        with _Translated(self._where):
+        with self._translated:
             if len(deliveries) == 1:
                 script(*_release_call(deliveries[0], eta), client=client)
                 return
@@ -479,7 +457,7 @@ class RedisBroker(Broker):
         """
         record = _dead_record(delivery.queue, delivery.payload, reason, time.time())
         keys = [_inflight_of(delivery.tag), DEAD_KEY]
-        with _Translated(self._where):
+        with self._translated:
             moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
         if not moved:
             logger.warning(
@@ -499,7 +477,7 @@ class RedisBroker(Broker):
         found: list[DeadLetter] = []
         if limit <= 0:
             return found
-        with _Translated(self._where):
+        with self._translated:
             for raw in self._oldest_dead_first():
                 letter = _read_dead_record(raw)
                 if letter is not None and (queue is None or letter.queue == queue):
@@ -533,7 +511,7 @@ class RedisBroker(Broker):
             INFLIGHT_PREFIX,
             LAPSED_PER_HEARTBEAT,
         ]
-        with _Translated(self._where):
+        with self._translated:
             returned, dead = self._script().recover(keys, args, client=self._client())
         if returned:
             logger.info("Returned %d messages of lapsed consumers to their queues", returned)
@@ -552,7 +530,7 @@ class RedisBroker(Broker):
         Returns:
             How many messages were deleted.
         """
-        with _Translated(self._where):
+        with self._translated:
             keys = [*queue_lists(queue), DELAYED_PREFIX + queue]
             return int(self._script().purge(keys, [], client=self._client()))
 
@@ -562,7 +540,7 @@ class RedisBroker(Broker):
         Args:
             queue: The queue to count.
         """
-        with _Translated(self._where):
+        with self._translated:
             pipe = self._client().pipeline(transaction=True)
             for key in queue_lists(queue):
                 pipe.llen(key)
@@ -575,7 +553,7 @@ class RedisBroker(Broker):
         Args:
             queue: The queue to count.
         """
-        with _Translated(self._where):
+        with self._translated:
             return int(self._client().zcount(DELAYED_PREFIX + queue, f"({time.time()!r}", "+inf"))
 
 
@@ -640,39 +618,6 @@ def _read_dead_record(raw: bytes) -> DeadLetter | None:
         return None
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
-    return ";".join(_without_password(part) for part in url.split(";"))
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + netloc).geturl()
-
-
-def _connect_args(url: str, options: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
-    """Check the URL and options now; return how to connect: (kind, target, client kwargs)."""
-    _refuse_other_layouts(options)
-    kwargs = {name: options[name] for name in _CLIENT_OPTIONS if name in options}
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "sentinel":
-        return "sentinel", _sentinel_target(url, options), {**_sentinel_auth(url), **kwargs}
-    if scheme == "redis+socket":
-        url = "unix" + url[len("redis+socket") :]
-    elif scheme not in ("redis", "rediss", "unix"):
-        raise ImproperlyConfigured(f"{_safe_url(url)!r} is not a Redis URL")
-    parse_url: Any = redis.connection.parse_url  # untyped in redis-py
-    try:
-        parse_url(url)
-    except ValueError as exc:
-        raise ImproperlyConfigured(f"Unusable Redis broker URL {_safe_url(url)!r}: {exc}") from exc
-    return "url", url, kwargs
-
-
 def _refuse_other_layouts(options: Mapping[str, Any]) -> None:
     # These kombu options move the keys; ignoring them would leave celeriac and Celery
     # silently blind to each other's messages, so a non-default value is refused.
@@ -683,41 +628,3 @@ def _refuse_other_layouts(options: Mapping[str, Any]) -> None:
                 f"The Redis broker supports only kombu's default {name} ({default!r}), "
                 f"not {options[name]!r}: remove it from broker_transport_options"
             )
-
-
-def sentinel_hosts(url: str) -> list[tuple[str, int]]:
-    """Return the (host, port) of every Sentinel in ``sentinel://h1:p1;sentinel://h2:p2``.
-
-    Raises:
-        ImproperlyConfigured: A part is not a ``sentinel://host[:port]`` URL.
-    """
-    hosts = []
-    for part in filter(None, (piece.strip() for piece in url.split(";"))):
-        parts = urlsplit(part)
-        if parts.scheme.lower() != "sentinel" or not parts.hostname:
-            raise ImproperlyConfigured(f"{_safe_url(part)!r} is not a sentinel://host:port URL")
-        hosts.append((parts.hostname, parts.port or 26379))
-    return hosts
-
-
-def _sentinel_target(url: str, options: Mapping[str, Any]) -> tuple[list[tuple[str, int]], str, Any]:
-    master_name = options.get("master_name")
-    if not master_name:
-        raise ImproperlyConfigured(
-            "A sentinel:// broker needs the name of the master: "
-            "set broker_transport_options = {'master_name': 'mymaster'}"
-        )
-    return sentinel_hosts(url), str(master_name), options.get("sentinel_kwargs")
-
-
-def _sentinel_auth(url: str) -> dict[str, Any]:
-    """Password and database for the master, from the first Sentinel URL that names them."""
-    found: dict[str, Any] = {}
-    for part in url.split(";"):
-        parts = urlsplit(part.strip())
-        if parts.password and "password" not in found:
-            found["password"] = unquote(parts.password)
-        db = parts.path.strip("/")
-        if db.isdigit() and "db" not in found:
-            found["db"] = int(db)
-    return found
