@@ -32,6 +32,7 @@ QUEUE = "celery"
 DELAYED = f"celeriac.delayed.{QUEUE}"
 DEAD = "celeriac.dead"
 INFLIGHT_PREFIX = "celeriac.inflight."
+CONSUMERS = "celeriac.consumers"
 # A dead worker's lease lapses after this many seconds; a live worker's heartbeat then returns its messages.
 FAST_LEASES = {"lease_timeout": 2.0}
 ProjectFactory = Callable[..., Project]
@@ -136,6 +137,12 @@ def queued(raw: redis.Redis) -> int:
 def in_flight(raw: redis.Redis) -> int:
     """How many messages are leased to any consumer right now."""
     return sum(int(raw.llen(key)) for key in raw.scan_iter(f"{INFLIGHT_PREFIX}*"))
+
+
+def live_consumers(raw: redis.Redis) -> int:
+    """How many consumers hold a lease that has not lapsed (by the Redis server's clock)."""
+    seconds, micros = raw.time()
+    return int(raw.zcount(CONSUMERS, f"({seconds + micros / 1e6!r}", "+inf"))
 
 
 def dead_records(raw: redis.Redis) -> list[dict[str, Any]]:
@@ -260,6 +267,8 @@ def test_a_task_longer_than_several_leases_is_never_delivered_twice_while_its_wo
 
     # When an acks_late task runs for 4 s (four lease timeouts) on one of them
     result = project.module.slow.delay("long", 4.0)
+    wait_until(lambda: runs(project) == ["long"], 20, "the task to start")
+    assert live_consumers(raw) >= 2  # both workers hold a lease, so both heartbeat
 
     # Then it completes once: the living worker's heartbeat kept its lease, nobody took the message back
     assert result.get(timeout=30) == "done long"
@@ -346,6 +355,9 @@ def test_a_counted_down_task_waits_in_the_delayed_set_and_runs_once_when_due(
 
     # Then a worker parks it in the queue's delayed set: not waiting in the list, not leased
     wait_until(lambda: raw.zcard(DELAYED) == 1, 20, "the message to be parked in the delayed set")
+    ((payload, due),) = raw.zrange(DELAYED, 0, -1, withscores=True)
+    assert json.loads(payload)["headers"]["id"] == result.id
+    assert sent_at + 3 - 0.5 <= due <= sent_at + 3 + 0.5  # parked until its eta
     assert queued(raw) == 0
     assert in_flight(raw) == 0
     assert result.state == states.PENDING
