@@ -203,6 +203,7 @@ class RedisBroker(Broker):
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
+        self._held = threading.local()  # this thread's connection for `_send`
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
@@ -250,6 +251,7 @@ class RedisBroker(Broker):
         self._lock = threading.Lock()
         self._main = self._fetcher = None
         self._opened = []
+        self._held = threading.local()
         self.consumer_id = make_consumer_id()
 
     def close(self) -> None:
@@ -304,17 +306,23 @@ class RedisBroker(Broker):
         and the calls on the per-task path (one publish, one ack) need none of them: a
         failure is raised as OperationalError for the caller's own retry policy.
         """
-        pool = self._client().connection_pool
+        client = self._client()
+        held = self._held
+        # Each thread keeps one connection out of the pool for these calls: taking it from
+        # and returning it to the pool costs as much as the command on the per-task path.
+        connection: Any = held.connection if getattr(held, "owner", None) is client else None
         with self._translated:
-            connection: Any = pool.get_connection()  # redis-py leaves Connection partly untyped
+            if connection is None:
+                connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
+                held.connection, held.owner = connection, client
             try:
                 connection.send_command(*args)
                 return connection.read_response()
             except BaseException:
-                connection.disconnect()  # its state is unknown: never hand it out again as is
+                connection.disconnect()  # its state is unknown: never use it again as is
+                held.connection = held.owner = None
+                client.connection_pool.release(connection)
                 raise
-            finally:
-                pool.release(connection)
 
     # consuming -------------------------------------------------------------------------
 
