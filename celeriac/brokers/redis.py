@@ -311,6 +311,13 @@ class RedisBroker(Broker):
         # Each thread keeps one connection out of the pool for these calls: taking it from
         # and returning it to the pool costs as much as the command on the per-task path.
         connection: Any = held.connection if getattr(held, "owner", None) is client else None
+        if connection is not None and _stale(connection):
+            # The server closed it (a restart) or left a reply unread: the check the pool's
+            # get_connection makes, which a held connection skips. Take a fresh one.
+            connection.disconnect()
+            held.connection = held.owner = None
+            client.connection_pool.release(connection)
+            connection = None
         with self._translated:
             if connection is None:
                 connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
@@ -566,6 +573,14 @@ class RedisBroker(Broker):
 
 
 # helpers ----------------------------------------------------------------------------------
+
+
+def _stale(connection: Any) -> bool:
+    """Whether a connection kept out of the pool has pending data or a closed socket."""
+    try:
+        return bool(connection.can_read())
+    except (redis.ConnectionError, OSError):
+        return True
 
 
 def _command(client: redis.Redis | Pipeline, *args: _Arg) -> Any:
