@@ -47,16 +47,8 @@ class Pool(ABC):
         """Return finished jobs, waiting up to `timeout` seconds for one if any are running."""
 
     @abstractmethod
-    def running(self) -> list[Job]:
-        """The jobs started and not yet collected."""
-
-    @abstractmethod
     def stop(self, *, cold: bool) -> None:
         """Stop: a warm stop lets running jobs finish first; a cold one abandons them."""
-
-    def child_pids(self) -> list[int]:
-        """Process ids of the pool's children (none for in-process pools)."""
-        return []
 
 
 @dataclass(slots=True)

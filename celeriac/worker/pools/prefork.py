@@ -104,9 +104,6 @@ class PreforkPool(Pool):
         child_end.close()
         return _Child(process, parent_end)
 
-    def child_pids(self) -> list[int]:
-        return [child.process.pid for child in self._children if child.process.pid is not None]
-
     def free_slots(self) -> int:
         return sum(self.DEPTH - len(child.jobs) for child in self._children)
 
@@ -172,9 +169,6 @@ class PreforkPool(Pool):
         for job in child.jobs:
             self._send(fresh, job)
         return completion
-
-    def running(self) -> list[Job]:
-        return [job for child in self._children for job in child.jobs]
 
     def stop(self, *, cold: bool) -> None:
         for child in self._children:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from celeriac.worker.execution import execute_safely
 from celeriac.worker.jobs import Completion, Job
 from celeriac.worker.pools.base import Pool
 from celeriac.worker.timelimits import alarm_limits
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
 
 
 class SoloPool(Pool):
@@ -13,8 +18,8 @@ class SoloPool(Pool):
 
     name = "solo"
 
-    def __init__(self, app: object, size: int) -> None:
-        super().__init__(app, 1)  # type: ignore[arg-type]
+    def __init__(self, app: Celery, size: int) -> None:
+        super().__init__(app, 1)
         self._next: Job | None = None
 
     def free_slots(self) -> int:
@@ -33,9 +38,6 @@ class SoloPool(Pool):
         finally:
             self._next = None
         return [completion]
-
-    def running(self) -> list[Job]:
-        return [self._next] if self._next is not None else []
 
     def stop(self, *, cold: bool) -> None:
         self._next = None

@@ -124,10 +124,6 @@ class ThreadPool(Pool):
         self._spawn()
         return hard_limit_completion(self.app, entry.job, now - entry.started)
 
-    def running(self) -> list[Job]:
-        with self._lock:
-            return [entry.job for entry in self._running.values()]
-
     def stop(self, *, cold: bool) -> None:
         for _ in self._threads:
             self._inbox.put(None)
