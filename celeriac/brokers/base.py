@@ -7,6 +7,12 @@ keeps its leases alive with `heartbeat()`, and any consumer's `heartbeat()` retu
 the messages of consumers whose leases have lapsed (a SIGKILLed worker's) to their
 queues. Delayed messages (`eta`) wait inside the broker until due.
 
+A consumer may also renew other consumers' leases (`heartbeat(also=...)`: a prefork
+parent renews its children's, which do not heartbeat) and hand back at once the messages
+of a consumer it knows is gone (`reclaim`: a child it saw die). The caller may assign
+`consumer_id` (the prefork parent picks each child's id before forking it); an id
+assigned in a process is kept for that process's leases.
+
 Priorities run 0-9 and mean what they mean on the transport, as in Celery: on SQLite,
 memory and AMQP a higher number is more urgent; on Redis 0 is the most urgent.
 """
@@ -89,6 +95,29 @@ class Broker(ABC):
         self.polling_interval = float(self.options.get("polling_interval", 0.05))
         self.consumer_id = make_consumer_id()
 
+    @property
+    def consumer_id(self) -> str:
+        """The id this process's fetches lease messages to; assignable, e.g. right after a fork."""
+        return self._consumer_id
+
+    @consumer_id.setter
+    def consumer_id(self, value: str) -> None:
+        self._consumer_id = value
+        self._consumer_id_pid = os.getpid()
+        self._consumer_changed()
+
+    def _consumer_changed(self) -> None:  # noqa: B027 - optional hook
+        """Called whenever `consumer_id` is assigned: forget what was tied to the old id."""
+
+    def _take_own_consumer_id(self) -> None:
+        """In a forked child, take a fresh consumer id unless one was assigned in this process.
+
+        For brokers that notice a fork lazily, on first use: the parent's leases are the
+        parent's, but an id the child was given (the prefork parent's choice) must stick.
+        """
+        if self._consumer_id_pid != os.getpid():
+            self.consumer_id = make_consumer_id()
+
     # producing -------------------------------------------------------------------------
 
     @abstractmethod
@@ -114,8 +143,15 @@ class Broker(ABC):
         """Forget messages that were processed."""
 
     @abstractmethod
-    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
-        """Return leased messages to their queues, visible again at `eta` (now if None)."""
+    def release(
+        self, deliveries: Sequence[Delivery], *, eta: float | None = None, redelivered: bool = True
+    ) -> None:
+        """Return leased messages to their queues, visible again at `eta` (now if None).
+
+        With `redelivered` (the default) a message released without an eta comes back as a
+        redelivery, counted toward its attempts. Without it the message goes back exactly as
+        it was fetched, its attempts unchanged: for prefetched messages that never started.
+        """
 
     @abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -126,8 +162,25 @@ class Broker(ABC):
         """Return dead-lettered messages, oldest first, from `queue` or from all queues."""
 
     @abstractmethod
-    def heartbeat(self) -> int:
-        """Renew this consumer's leases and requeue lapsed consumers' messages; return how many."""
+    def heartbeat(self, also: Sequence[str] = ()) -> int:
+        """Renew this consumer's leases and requeue lapsed consumers' messages; return how many.
+
+        Args:
+            also: Other consumer ids whose leases to renew with this one's (a prefork
+                parent's children, which do not heartbeat themselves).
+        """
+
+    @abstractmethod
+    def reclaim(self, consumer_id: str) -> int:
+        """Return every message leased to `consumer_id` to its queue now, as if its lease lapsed.
+
+        For a consumer known to be gone (a pool child seen dying): its messages come back
+        marked redelivered at once instead of after a lease, and its lease entry is dropped.
+        An unknown id returns nothing.
+
+        Returns:
+            How many messages went back.
+        """
 
     # administration --------------------------------------------------------------------
 
@@ -143,7 +196,11 @@ class Broker(ABC):
         """Release connections; the broker may be used again afterwards."""
 
     def reset_after_fork(self) -> None:
-        """Drop connections inherited from a parent process and take a fresh consumer id."""
+        """Drop connections inherited from a parent process and take a fresh consumer id.
+
+        A caller that wants the child to use an id of its choosing assigns `consumer_id`
+        after this call.
+        """
         self.close()
         self.consumer_id = make_consumer_id()
 

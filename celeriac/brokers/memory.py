@@ -6,7 +6,8 @@ producer and a consumer in one process can be separate objects (`memory://` and
 
 Leases: a consumer in this process cannot die without the process, so leases never
 time out on their own. `mark_dead()` declares a consumer gone (a test's stand-in for a
-killed worker); the next `heartbeat()` of any broker on the store returns its messages.
+killed worker); the next `heartbeat()` of any broker on the store returns its messages,
+unless that heartbeat renews it (`also`). `reclaim()` returns a consumer's messages at once.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ class _Store:
         message = self.messages.get(int(tag))
         return message if message is not None and message.owner is not None else None
 
+    def return_leased(self, owners: set[str]) -> int:
+        """Put every message leased to one of `owners` back in its queue; return how many."""
+        orphans = [m for m in self.messages.values() if m.owner in owners]
+        for message in orphans:
+            self.enqueue(message)
+        if orphans:
+            self.changed.notify_all()
+        return len(orphans)
+
 
 # Stores live while a broker uses them, so tests that pick fresh names leave nothing behind.
 _STORES: weakref.WeakValueDictionary[str, _Store] = weakref.WeakValueDictionary()
@@ -176,12 +186,16 @@ class MemoryBroker(Broker):
                 if self._store.leased(delivery.tag) is not None:
                     del self._store.messages[int(delivery.tag)]
 
-    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+    def release(
+        self, deliveries: Sequence[Delivery], *, eta: float | None = None, redelivered: bool = True
+    ) -> None:
         """Return leased messages to their queues.
 
         Args:
             deliveries: Messages to give back; ones no longer leased are left alone.
             eta: Unix time they become visible again; now if None.
+            redelivered: False to give them back as they were fetched: this fetch does not
+                count as an attempt.
         """
         visible_at = time.time() if eta is None else eta
         with self._store.changed:
@@ -189,6 +203,8 @@ class MemoryBroker(Broker):
                 message = self._store.leased(delivery.tag)
                 if message is not None:
                     message.visible_at = visible_at
+                    if not redelivered:
+                        message.attempts = max(0, message.attempts - 1)
                     self._store.enqueue(message)
             self._store.changed.notify_all()
 
@@ -225,25 +241,39 @@ class MemoryBroker(Broker):
             found = [letter for letter in self._store.dead_letters if queue is None or letter.queue == queue]
         return found[: max(limit, 0)]
 
-    def heartbeat(self) -> int:
+    def heartbeat(self, also: Sequence[str] = ()) -> int:
         """Return the messages of consumers marked dead to their queues.
 
         Live consumers in this process need no renewal: their leases never lapse.
+
+        Args:
+            also: Consumer ids renewed with this one: no longer marked dead, they keep their messages.
 
         Returns:
             How many messages went back.
         """
         store = self._store
         with store.changed:
+            store.dead_consumers.difference_update(also)
             if not store.dead_consumers:
                 return 0
-            orphans = [m for m in store.messages.values() if m.owner in store.dead_consumers]
-            for message in orphans:
-                store.enqueue(message)
+            returned = store.return_leased(store.dead_consumers)
             store.dead_consumers.clear()
-            if orphans:
-                store.changed.notify_all()
-        return len(orphans)
+        return returned
+
+    def reclaim(self, consumer_id: str) -> int:
+        """Return every message leased to `consumer_id` to its queue now, as a lapsed lease would.
+
+        Args:
+            consumer_id: The consumer known to be gone; an unknown one holds nothing.
+
+        Returns:
+            How many messages went back.
+        """
+        store = self._store
+        with store.changed:
+            store.dead_consumers.discard(consumer_id)
+            return store.return_leased({consumer_id})
 
     def mark_dead(self, consumer_id: str) -> None:
         """Declare a consumer gone, so the next `heartbeat()` returns its messages.

@@ -43,9 +43,17 @@ A `Delivery.tag` is ``<consumer id>|<step>|<n>``: the in-flight list and the lis
 payload came from, so ack, release and dead_letter work from any process, such as a
 forked pool child with a consumer id of its own. Each process has two redis-py clients:
 one with redis-py's retries, and one without for fetching, because a fetch replayed after a
-lost reply would strand the first attempt's messages in a live consumer's in-flight list
-(after a failed fetch the broker takes a new consumer id, so they return once the old
-lease lapses).
+lost reply would strand the first attempt's messages in a live consumer's in-flight list.
+
+A fetch whose reply is lost (Redis stalled past `socket_timeout`) may still have moved
+messages into the consumer's in-flight list, where the consumer's own live lease would keep
+them forever. So each broker object counts the payloads its fetches handed out and that it
+has not yet seen settled (a multiset; acks, releases and dead letters through the object
+take them off). Before the next fetch, it reads its in-flight list and gives back, unchanged,
+every payload it cannot account for: nobody ever received those. It keeps its consumer id,
+so its running and prefetched messages stay leased. Payloads settled by another process
+(a forked child acking) leave stale counts behind; these are dropped whenever the count
+grows large, by the same reading of the list.
 
 Not supported: Redis Cluster (a queue's four lists and our keys cannot share one hash
 slot, and the scripts build key names); kombu's ``global_keyprefix``, ``sep`` and
@@ -57,6 +65,7 @@ Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -100,6 +109,8 @@ _REDELIVERIES_MARK = b'"' + REDELIVERIES_HEADER.encode() + b'"'
 WAIT_SLICE = 0.1  # longest BLMOVE; after each one a fetch also looks at the other lists and delayed sets
 MOVE_DUE_PER_FETCH = 100  # due delayed messages moved per queue and fetch
 LAPSED_PER_HEARTBEAT = 100  # lapsed consumers handled per heartbeat
+RECONCILE_FLOOR = 1000  # distinct payloads counted as handed out before the list is read to prune
+RECONCILE_CHUNK = 1000  # payloads per reconcile script call
 PUSH_CHUNK = 1000  # payloads per LPUSH
 DEAD_LETTER_CHUNK = 500
 _ROLE = Role(
@@ -140,21 +151,25 @@ def step_of(priority: int) -> int:
     return _STEP_OF_PRIORITY[clamp_priority(priority)]
 
 
+_SCRIPT_HELPERS = {  # each script and the helper files put in front of it, in order
+    "fetch": ("envelope",),
+    "release": ("envelope",),
+    "recover": ("envelope", "inflight"),
+    "reclaim": ("envelope", "inflight"),
+    "reconcile": ("envelope", "inflight"),
+    "dead_letter": (),
+    "purge": (),
+}
+
+
 @functools.cache
 def _script_sources() -> dict[str, str]:
-    """The Lua scripts by name, those that edit envelopes preceded by envelope.lua's helpers."""
+    """The Lua scripts by name, each preceded by the helpers it uses."""
     folder = resources.files("celeriac.brokers") / "lua"
-    helpers = (folder / "envelope.lua").read_text(encoding="utf-8")
     sources = {}
-    for name, needs_helpers in (
-        ("fetch", True),
-        ("release", True),
-        ("recover", True),
-        ("dead_letter", False),
-        ("purge", False),
-    ):
-        source = (folder / f"{name}.lua").read_text(encoding="utf-8")
-        sources[name] = f"{helpers}\n{source}" if needs_helpers else source
+    for name, helpers in _SCRIPT_HELPERS.items():
+        parts = [(folder / f"{part}.lua").read_text(encoding="utf-8") for part in (*helpers, name)]
+        sources[name] = "\n".join(parts)
     return sources
 
 
@@ -163,6 +178,8 @@ class _Scripts:
     fetch: Script
     release: Script
     recover: Script
+    reclaim: Script
+    reconcile: Script
     dead_letter: Script
     purge: Script
 
@@ -208,6 +225,24 @@ class RedisBroker(Broker):
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
         self._wait_turn = itertools.count()  # and which queue's first list BLMOVE waits on
+        self._reset_books()
+
+    def _reset_books(self) -> None:
+        # Guards what follows. A reconcile needs every fetch of this object out of the way:
+        # a fetch's payloads are in the in-flight list before they are counted.
+        self._books = threading.Condition(threading.Lock())
+        self._fetching = 0
+        self._reconciling = False
+        self._consumer_changed()
+
+    def _consumer_changed(self) -> None:
+        # What this object was handed out under the old id is that id's affair.
+        self._handed: collections.Counter[bytes] = collections.Counter()
+        self._own_tags = self.consumer_id + "|"
+        self._unsure = False  # a fetch failed and no reconcile has succeeded since
+        self._recheck_until = 0.0  # and until this time.monotonic(), reconcile now and then
+        self._next_recheck = 0.0
+        self._prune_at = RECONCILE_FLOOR
 
     # connections -----------------------------------------------------------------------
 
@@ -246,13 +281,15 @@ class RedisBroker(Broker):
 
     def _forget_parent(self) -> None:
         # In a forked child the parent's sockets belong to the parent: drop them unclosed,
-        # and take a consumer id of our own (the parent's leases are the parent's).
+        # and take a consumer id of our own (the parent's leases are the parent's) unless
+        # this process was given one already.
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._main = self._fetcher = None
         self._opened = []
         self._held = threading.local()
-        self.consumer_id = make_consumer_id()
+        self._take_own_consumer_id()
+        self._reset_books()
 
     def close(self) -> None:
         """Close this process's connections; the next call opens new ones. Leases stay."""
@@ -266,8 +303,12 @@ class RedisBroker(Broker):
             close_client(client)
 
     def reset_after_fork(self) -> None:
-        """Drop connections inherited from a parent process and take a fresh consumer id."""
+        """Drop connections inherited from a parent process and take a fresh consumer id.
+
+        An id assigned to `consumer_id` after this call is the one this process leases under.
+        """
         self._forget_parent()
+        self.consumer_id = make_consumer_id()
 
     # producing -------------------------------------------------------------------------
 
@@ -348,24 +389,32 @@ class RedisBroker(Broker):
 
         Raises:
             OperationalError: Redis could not be reached. Messages the lost reply may have
-                leased come back to their queues when this consumer's old lease lapses.
+                leased go back to their queues, unchanged, before the next fetch.
         """
         if limit <= 0 or not queues:
             return []
+        if self._pid != os.getpid():
+            self._forget_parent()
         names = tuple(dict.fromkeys(queues))
         self._declare(names)
-        deadline = time.monotonic() + max(timeout, 0.0)
+        self._enter_fetch()
         try:
+            deadline = time.monotonic() + max(timeout, 0.0)
             with self._translated:
                 found = self._take(names, limit)
                 while not found and (remaining := deadline - time.monotonic()) > 0:
                     found = self._wait(names, limit, remaining)
-                return found
-        except OperationalError:
-            # The server may have leased messages whose reply never arrived; nothing would
-            # ever ack them while this id lives, so move to a new id and let the old lease lapse.
-            self.consumer_id = make_consumer_id()
+            if found:
+                with self._books:  # counted before the fetch ends, so no reconcile misses them
+                    self._handed.update(delivery.payload for delivery in found)
+            return found
+        except BaseException:
+            # The server may have leased messages whose reply never arrived.
+            self._doubt()
             raise
+        finally:
+            with self._books:
+                self._fetching -= 1
 
     def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
         start = next(self._turn) % len(names)
@@ -421,6 +470,96 @@ class RedisBroker(Broker):
                 pipe.execute()
             self._declared |= fresh
 
+    # reconciling the in-flight list ----------------------------------------------------
+
+    def _doubt(self) -> None:
+        """Have the next fetch check the in-flight list for messages nobody received.
+
+        Until a check succeeds, every fetch starts with one; then fetches check again a few
+        times over one lease, for a lost fetch that a stalled server ran late.
+        """
+        with self._books:
+            self._unsure = True
+            self._recheck_until = time.monotonic() + self.lease_timeout
+
+    def _enter_fetch(self) -> None:
+        """Count a fetch as running, first reconciling if one is due and no other fetch runs."""
+        books = self._books
+        while True:
+            with books:
+                while self._reconciling:
+                    books.wait()
+                if self._fetching > 0 or not self._reconcile_due():
+                    self._fetching += 1
+                    return
+                self._reconciling = True
+            try:
+                self._reconcile()
+            finally:
+                with books:
+                    self._reconciling = False
+                    books.notify_all()
+
+    def _reconcile_due(self) -> bool:
+        if self._unsure or len(self._handed) >= self._prune_at:
+            return True
+        now = time.monotonic()
+        return self._next_recheck <= now < self._recheck_until
+
+    def _reconcile(self) -> None:
+        """Give back what the in-flight list holds beyond what this object handed out; prune the count.
+
+        Runs while no fetch of this object does. Acks and releases may run meanwhile: a
+        payload they settle is simply not found by the script.
+        """
+        consumer_id = self.consumer_id
+        inflight = INFLIGHT_PREFIX + consumer_id
+        client = self._fetch_client()  # no retries: a replayed script could take a held copy
+        with self._translated:
+            listed = [bytes(payload) for payload in _command(client, "LRANGE", inflight, 0, -1)]
+        present = collections.Counter(listed)
+        with self._books:
+            unseen = present - self._handed
+            self._handed &= present  # settled elsewhere (a forked child's ack): forget them
+            self._prune_at = max(RECONCILE_FLOOR, 2 * len(self._handed))
+        if unseen:
+            self._give_back_unseen(inflight, consumer_id, _copies_in_order(listed, unseen))
+        with self._books:
+            self._unsure = False
+            self._next_recheck = time.monotonic() + self.lease_timeout / 4
+
+    def _give_back_unseen(self, inflight: str, consumer_id: str, payloads: list[bytes]) -> None:
+        script, client = self._script().reconcile, self._fetch_client()
+        returned = dead = 0
+        with self._translated:
+            for start in range(0, len(payloads), RECONCILE_CHUNK):
+                chunk = payloads[start : start + RECONCILE_CHUNK]
+                back, aside = script([inflight, DEAD_KEY], [consumer_id, *chunk], client=client)
+                returned, dead = returned + int(back), dead + int(aside)
+        if returned:
+            logger.warning(
+                "Returned %d messages to their queues that a fetch with a lost reply had leased", returned
+            )
+        if dead:
+            logger.warning(
+                "Dead-lettered %d messages a fetch with a lost reply had leased (not envelopes)", dead
+            )
+
+    def _settled(self, deliveries: Sequence[Delivery]) -> None:
+        """Take deliveries this object handed out off its count, once acked, released or dead-lettered."""
+        own = self._own_tags
+        with self._books:
+            handed = self._handed
+            for delivery in deliveries:
+                if delivery.tag.startswith(own):
+                    left = handed[delivery.payload] - 1
+                    if left > 0:
+                        handed[delivery.payload] = left
+                    else:
+                        handed.pop(delivery.payload, None)
+
+    # settling --------------------------------------------------------------------------
+
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Forget processed messages, in one round trip.
 
@@ -432,23 +571,28 @@ class RedisBroker(Broker):
             return
         if len(deliveries) == 1:
             self._send("LREM", _inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
-            return
-        pipe = self._client().pipeline(transaction=False)
-        for delivery in deliveries:
-            # LREM by hand: redis-py types the value as str, and ours are bytes.
-            _command(pipe, "LREM", _inflight_of(delivery.tag), -1, delivery.payload)
-        with self._translated:
-            pipe.execute()
+        else:
+            pipe = self._client().pipeline(transaction=False)
+            for delivery in deliveries:
+                # LREM by hand: redis-py types the value as str, and ours are bytes.
+                _command(pipe, "LREM", _inflight_of(delivery.tag), -1, delivery.payload)
+            with self._translated:
+                pipe.execute()
+        self._settled(deliveries)
 
-    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+    def release(
+        self, deliveries: Sequence[Delivery], *, eta: float | None = None, redelivered: bool = True
+    ) -> None:
         """Return leased messages to the list they came from, or park them until `eta`.
 
-        Without an eta they are consumed next (in their original order), marked redelivered;
-        with one they wait unchanged in their queue's delayed set.
+        Without an eta they are consumed next (in their original order), marked redelivered
+        unless `redelivered` is False; with one they wait unchanged in their queue's delayed set.
 
         Args:
             deliveries: Messages to give back; ones no longer in flight are left alone.
             eta: Unix time they become visible again; now if None.
+            redelivered: False to give them back byte for byte as they were fetched, not
+                marked and not counted: for messages that never started.
         """
         if not deliveries:
             return
@@ -456,12 +600,13 @@ class RedisBroker(Broker):
         client = self._client()
         with self._translated:
             if len(deliveries) == 1:
-                script(*_release_call(deliveries[0], eta), client=client)
-                return
-            pipe = client.pipeline(transaction=False)
-            for delivery in reversed(deliveries):  # the last pushed is consumed first
-                script(*_release_call(delivery, eta), client=pipe)
-            pipe.execute()
+                script(*_release_call(deliveries[0], eta, redelivered), client=client)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for delivery in reversed(deliveries):  # the last pushed is consumed first
+                    script(*_release_call(delivery, eta, redelivered), client=pipe)
+                pipe.execute()
+        self._settled(deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a leased message to the dead letters atomically.
@@ -474,6 +619,7 @@ class RedisBroker(Broker):
         keys = [_inflight_of(delivery.tag), DEAD_KEY]
         with self._translated:
             moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
+        self._settled([delivery])
         if not moved:
             logger.warning(
                 "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
@@ -512,8 +658,11 @@ class RedisBroker(Broker):
                 return
             end -= DEAD_LETTER_CHUNK
 
-    def heartbeat(self) -> int:
+    def heartbeat(self, also: Sequence[str] = ()) -> int:
         """Renew this consumer's lease and return lapsed consumers' messages to their queues.
+
+        Args:
+            also: Other consumer ids whose leases to renew in the same script.
 
         Returns:
             How many messages went back (marked redelivered, consumed next).
@@ -525,6 +674,7 @@ class RedisBroker(Broker):
             self.lease_grace,
             INFLIGHT_PREFIX,
             LAPSED_PER_HEARTBEAT,
+            *also,
         ]
         with self._translated:
             returned, dead = self._script().recover(keys, args, client=self._client())
@@ -532,6 +682,25 @@ class RedisBroker(Broker):
             logger.info("Returned %d messages of lapsed consumers to their queues", returned)
         if dead:
             logger.warning("Dead-lettered %d in-flight messages of lapsed consumers (not envelopes)", dead)
+        return int(returned)
+
+    def reclaim(self, consumer_id: str) -> int:
+        """Return every message in flight with `consumer_id` to its queue now, and drop its lease.
+
+        Exactly what a heartbeat does once a lease lapses: marked redelivered, consumed next;
+        payloads that are not envelopes become dead letters.
+
+        Args:
+            consumer_id: The consumer known to be gone; an unknown one holds nothing.
+
+        Returns:
+            How many messages went back to their queues.
+        """
+        keys = [CONSUMERS_KEY, DEAD_KEY, INFLIGHT_PREFIX + consumer_id]
+        with self._translated:
+            returned, dead = self._script().reclaim(keys, [consumer_id], client=self._client())
+        if dead:
+            logger.warning("Dead-lettered %d in-flight messages of %s (not envelopes)", dead, consumer_id)
         return int(returned)
 
     # administration --------------------------------------------------------------------
@@ -604,13 +773,25 @@ def _inflight_of(tag: str) -> str:
     return INFLIGHT_PREFIX + tag.partition("|")[0]
 
 
-def _release_call(delivery: Delivery, eta: float | None) -> tuple[list[str], list[_Arg]]:
+def _release_call(delivery: Delivery, eta: float | None, redelivered: bool) -> tuple[list[str], list[_Arg]]:
     parsed = _parse_tag(delivery.tag)
     consumer_id, step = parsed if parsed is not None else (delivery.tag, 0)
     inflight = INFLIGHT_PREFIX + consumer_id
     if eta is None:
-        return [inflight, delivery.queue + STEP_SUFFIXES[step]], [delivery.payload, "now", 0]
+        mode = "now" if redelivered else "same"
+        return [inflight, delivery.queue + STEP_SUFFIXES[step]], [delivery.payload, mode, 0]
     return [inflight, DELAYED_PREFIX + delivery.queue], [delivery.payload, "at", repr(float(eta))]
+
+
+def _copies_in_order(listed: Sequence[bytes], wanted: collections.Counter[bytes]) -> list[bytes]:
+    """The payloads of `wanted`, one entry per copy, in the order they appear in `listed`."""
+    left = collections.Counter(wanted)
+    found = []
+    for payload in listed:
+        if left[payload] > 0:
+            left[payload] -= 1
+            found.append(payload)
+    return found
 
 
 def _attempts(payload: bytes) -> int:

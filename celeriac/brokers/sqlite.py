@@ -39,7 +39,6 @@ from celeriac.brokers.base import (
     Delivery,
     Outgoing,
     clamp_priority,
-    make_consumer_id,
     poll_until,
 )
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
@@ -117,6 +116,10 @@ _RELEASE = (
     "UPDATE celeriac_messages SET lease_owner = NULL, visible_at = ?"
     " WHERE id IN (SELECT value FROM json_each(?)) AND lease_owner IS NOT NULL"
 )
+_RELEASE_UNCOUNTED = (  # the fetch that leased them does not count as an attempt
+    "UPDATE celeriac_messages SET lease_owner = NULL, visible_at = ?, attempts = max(attempts - 1, 0)"
+    " WHERE id IN (SELECT value FROM json_each(?)) AND lease_owner IS NOT NULL"
+)
 _TAKE_LEASED = (
     "DELETE FROM celeriac_messages WHERE id = ? AND lease_owner IS NOT NULL RETURNING queue, payload"
 )
@@ -127,6 +130,8 @@ _RETURN_ORPHANS = """
       AND lease_owner NOT IN (SELECT consumer_id FROM celeriac_consumers WHERE lease_until >= ?)
 """
 _FORGET_DEAD_CONSUMERS = "DELETE FROM celeriac_consumers WHERE lease_until < ?"
+_RETURN_OWNED = "UPDATE celeriac_messages SET lease_owner = NULL WHERE lease_owner = ?"
+_FORGET_CONSUMER = "DELETE FROM celeriac_consumers WHERE consumer_id = ?"
 _PURGE = "DELETE FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL"
 _SIZE = "SELECT count(*) FROM celeriac_messages WHERE queue = ? AND lease_owner IS NULL"
 _SCHEDULED = (
@@ -187,8 +192,12 @@ class SQLiteBroker(Broker):
         self._schema_ready = True
 
     def _forked(self) -> None:
-        # The parent's consumer id and its leases are the parent's own.
-        self.consumer_id = make_consumer_id()
+        # The parent's consumer id and its leases are the parent's own; an id this process
+        # was given (a prefork child's) stays.
+        self._take_own_consumer_id()
+
+    def _consumer_changed(self) -> None:
+        # The consumer row renewed so far was the old id's: renew the new one on the next fetch.
         self._renewed_until = 0.0
 
     def close(self) -> None:
@@ -266,15 +275,20 @@ class SQLiteBroker(Broker):
         if deliveries:
             self._execute(_ACK, (_tags(deliveries),))
 
-    def release(self, deliveries: Sequence[Delivery], *, eta: float | None = None) -> None:
+    def release(
+        self, deliveries: Sequence[Delivery], *, eta: float | None = None, redelivered: bool = True
+    ) -> None:
         """Return leased messages to their queues in one statement.
 
         Args:
             deliveries: Messages to give back; ones no longer leased are left alone.
             eta: Unix time they become visible again; now if None.
+            redelivered: False to give them back as they were fetched: this fetch does not
+                count as an attempt.
         """
         if deliveries:
-            self._execute(_RELEASE, (time.time() if eta is None else eta, _tags(deliveries)))
+            sql = _RELEASE if redelivered else _RELEASE_UNCOUNTED
+            self._execute(sql, (time.time() if eta is None else eta, _tags(deliveries)))
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a leased message to the dead letters in one transaction.
@@ -308,21 +322,42 @@ class SQLiteBroker(Broker):
         rows = self._query(f"{select}{where} ORDER BY id LIMIT ?", (*params, max(limit, 0)))
         return [DeadLetter(row[0], bytes(row[1]), row[2], row[3]) for row in rows]
 
-    def heartbeat(self) -> int:
+    def heartbeat(self, also: Sequence[str] = ()) -> int:
         """Renew this consumer's leases and return lapsed consumers' messages to their queues.
+
+        Args:
+            also: Other consumer ids whose leases to renew in the same transaction.
 
         Returns:
             How many messages went back.
         """
         connection = self._file.connection()
         now = time.time()
+        until = now + self.lease_timeout
         with self._file.translated(), self._file.transaction(connection):
-            connection.execute(_RENEW, (self.consumer_id, now + self.lease_timeout))
-            self._renewed_until = now + self.lease_timeout
+            connection.executemany(_RENEW, [(consumer, until) for consumer in (self.consumer_id, *also)])
+            self._renewed_until = until
             returned = connection.execute(_RETURN_ORPHANS, (now,)).rowcount
             connection.execute(_FORGET_DEAD_CONSUMERS, (now,))
         if returned:
             logger.info("Returned %d messages of lapsed consumers to their queues", returned)
+        return returned
+
+    def reclaim(self, consumer_id: str) -> int:
+        """Return every message leased to `consumer_id` to its queue now and drop its consumer row.
+
+        Args:
+            consumer_id: The consumer known to be gone; an unknown one holds nothing.
+
+        Returns:
+            How many messages went back (their next fetch counts as another attempt).
+        """
+        connection = self._file.connection()
+        with self._file.translated(), self._file.transaction(connection):
+            returned = connection.execute(_RETURN_OWNED, (consumer_id,)).rowcount
+            connection.execute(_FORGET_CONSUMER, (consumer_id,))
+        if consumer_id == self.consumer_id:
+            self._renewed_until = 0.0
         return returned
 
     # administration --------------------------------------------------------------------

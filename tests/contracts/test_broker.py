@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import multiprocessing
+import os
 import sqlite3
 import tempfile
 import threading
@@ -349,6 +350,27 @@ def test_a_released_message_is_fetched_again_as_a_redelivery(broker: Broker) -> 
     assert (text_of(second), second.attempts, second.redelivered) == ("again", 2, True)
 
 
+def test_a_message_released_unmarked_comes_back_as_it_was_however_often_that_happens(
+    broker: Broker,
+) -> None:
+    # Given a message fetched once, released as a redelivery and fetched again, and a newer one
+    broker.publish_one(QUEUE, envelope("never started"))
+    broker.release(broker.fetch([QUEUE], 1, timeout=1))
+    [before] = broker.fetch([QUEUE], 1, timeout=1)
+    broker.publish_one(QUEUE, envelope("newer"))
+
+    # When it is released unmarked and fetched again ten times (ten warm shutdowns with it prefetched)
+    delivery = before
+    for _ in range(10):
+        broker.release([delivery], redelivered=False)
+        delivery, newer = broker.fetch([QUEUE], 2, timeout=1)
+        broker.release([newer], redelivered=False)
+
+    # Then it comes back byte for byte, its attempts as they were, still ahead of the newer one
+    assert (delivery.payload, delivery.attempts, delivery.redelivered) == (before.payload, 2, True)
+    assert (text_of(newer), newer.attempts) == ("newer", 1)
+
+
 def test_a_message_released_with_an_eta_stays_hidden_until_then(broker: Broker) -> None:
     # Given a fetched message
     broker.publish_one(QUEUE, b"retry me")
@@ -501,6 +523,97 @@ def test_a_consumer_that_keeps_heartbeating_keeps_its_leases_past_the_lease_time
     # And the holder can still ack it
     holder.ack([held])
     assert holder.size(QUEUE) == 0
+
+
+def test_a_silent_consumer_keeps_its_messages_while_another_consumer_renews_its_lease(
+    make_broker: MakeBroker,
+) -> None:
+    # Given a consumer (a pool child) holding a message and never heartbeating itself
+    parent = make_broker(lease_timeout=SHORT_LEASE)
+    child = make_broker(lease_timeout=SHORT_LEASE)
+    watcher = make_broker(lease_timeout=SHORT_LEASE)
+    parent.publish_one(QUEUE, envelope("long task"))
+    assert len(child.fetch([QUEUE], 1, timeout=1)) == 1
+    go_silent(child)
+
+    # When another consumer (its parent) renews the child's lease with its own for three leases
+    watch_until = time.monotonic() + 3 * SHORT_LEASE
+    while time.monotonic() < watch_until:
+        assert parent.heartbeat(also=[child.consumer_id]) == 0
+
+        # Then no consumer gets the message back meanwhile
+        assert watcher.heartbeat() == 0
+        assert watcher.fetch([QUEUE], 1, timeout=0.05) == []
+
+    # And once nobody renews it, it comes back like any lapsed consumer's
+    go_silent(child)
+    assert eventually(lambda: watcher.heartbeat()) == 1
+    [again] = watcher.fetch([QUEUE], 1, timeout=1)
+    assert (text_of(again), again.attempts) == ("long task", 2)
+
+
+def test_reclaim_returns_a_gone_consumers_messages_at_once_as_a_lapsed_lease_would(
+    make_broker: MakeBroker,
+) -> None:
+    # Given a consumer (a pool child) holding two messages under a lease far from lapsing
+    parent, child = make_broker(), make_broker()
+    parent.publish([Outgoing(QUEUE, envelope("first")), Outgoing(QUEUE, envelope("second"))])
+    assert len(child.fetch([QUEUE], 2, timeout=1)) == 2
+
+    # When another consumer (its parent, which saw it die) reclaims it
+    returned = parent.reclaim(child.consumer_id)
+
+    # Then both messages are back at once, redelivered, in their order
+    assert returned == 2
+    fetched = parent.fetch([QUEUE], 10, timeout=0)
+    assert [(text_of(d), d.attempts, d.redelivered) for d in fetched] == [
+        ("first", 2, True),
+        ("second", 2, True),
+    ]
+    # And there is nothing more to reclaim from it, nor from an id nobody used, nor to recover
+    assert parent.reclaim(child.consumer_id) == 0
+    assert parent.reclaim("no-such-consumer") == 0
+    assert parent.heartbeat() == 0
+
+
+def _lease_under(broker: Broker, consumer_id: str, how: str) -> None:
+    """In a forked child: take `consumer_id` as the prefork pool does, lease one message, die."""
+    if how == "after reset_after_fork":
+        broker.reset_after_fork()
+    broker.consumer_id = consumer_id
+    leased = broker.fetch([QUEUE], 1, timeout=GENEROUS_TIMEOUT)
+    os._exit(0 if len(leased) == 1 and broker.consumer_id == consumer_id else 1)
+
+
+@pytest.mark.parametrize("how", ["in this process", "after reset_after_fork", "first thing after fork"])
+def test_a_consumer_id_assigned_by_the_caller_is_the_one_fetches_lease_under(
+    make_broker: MakeBroker, how: str
+) -> None:
+    # Given a broker that has been used (so it holds connections), a message, and an id picked for a consumer
+    parent, watcher = make_broker(), make_broker()
+    parent.publish_one(QUEUE, envelope("job"))
+    chosen = f"chosen-{uuid.uuid4().hex}"
+
+    # When the consumer takes that id (in a forked child: as a prefork parent's child does) and fetches
+    if how == "in this process":
+        consumer = make_broker()
+        consumer.reset_after_fork()
+        consumer.consumer_id = chosen
+        assert len(consumer.fetch([QUEUE], 1, timeout=1)) == 1
+    elif isinstance(parent, MemoryBroker):
+        pytest.skip("a forked child's memory broker is a copy the parent cannot see")
+    else:
+        context: Any = multiprocessing.get_context("fork")
+        child = context.Process(target=_lease_under, args=(parent, chosen, how))
+        child.start()
+        child.join(GENEROUS_TIMEOUT * 3)
+        assert child.exitcode == 0
+
+    # Then the message is leased under that id: reclaiming it returns the message
+    assert parent.consumer_id != chosen
+    assert watcher.reclaim(chosen) == 1
+    [again] = watcher.fetch([QUEUE], 1, timeout=1)
+    assert (text_of(again), again.attempts) == ("job", 2)
 
 
 # lifecycle and registry -----------------------------------------------------------------

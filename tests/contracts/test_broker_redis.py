@@ -23,6 +23,7 @@ import orjson
 import pytest
 import redis
 
+from celeriac.brokers import redis as redis_broker
 from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
@@ -299,6 +300,63 @@ def test_a_consumer_killed_between_fetch_and_ack_loses_nothing(
     fetched = survivor.fetch([QUEUE], 10, timeout=1)
     assert [unpack(d.payload).headers["id"] for d in fetched] == ["t0", "t1", "t2"]
     assert {d.attempts for d in fetched} == {2}
+
+
+def test_a_heartbeat_renews_the_leases_it_is_asked_to_renew_too(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given two consumer ids nobody has used yet (a prefork parent's children)
+    children = ["child-a", "child-b"]
+
+    # When a consumer heartbeats for them too
+    broker.heartbeat(also=children)
+
+    # Then each has a lease ending with the caller's
+    own = raw.zscore("celeriac.consumers", broker.consumer_id)
+    assert own is not None
+    assert [raw.zscore("celeriac.consumers", child) for child in children] == [own, own]
+
+
+def test_reclaim_empties_the_consumers_inflight_list_drops_its_lease_and_keeps_non_envelopes(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer holding a Celery message and a payload that is not an envelope
+    parent, child = make_broker(), make_broker()
+    parent.publish([Outgoing(QUEUE, task_envelope("t1")), Outgoing(QUEUE, b"\x00not json")])
+    assert len(child.fetch([QUEUE], 2, timeout=1)) == 2
+
+    # When it is reclaimed
+    assert parent.reclaim(child.consumer_id) == 1
+
+    # Then its in-flight list and its lease are gone, the envelope is back marked redelivered,
+    # and the other payload, whose queue cannot be known, is a dead letter
+    assert raw.exists(inflight(child)) == 0
+    assert raw.zscore("celeriac.consumers", child.consumer_id) is None
+    [again] = parent.fetch([QUEUE], 10, timeout=0)
+    assert (unpack(again.payload).headers["id"], again.attempts) == ("t1", 2)
+    [letter] = parent.dead_letters()
+    assert letter.payload == b"\x00not json"
+    assert child.consumer_id in letter.reason
+
+
+def test_deliveries_settled_by_another_process_are_forgotten_without_returning_held_ones(
+    make_broker: MakeBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer that counts at most 10 unsettled payloads before it reads its in-flight list,
+    # holding 30 messages, 25 of which another broker object (a pool child) acked
+    monkeypatch.setattr(redis_broker, "RECONCILE_FLOOR", 10)
+    fetcher, child = make_broker(), make_broker()
+    fetcher.publish([Outgoing(QUEUE, task_envelope(f"t{n}")) for n in range(30)])
+    fetched = fetcher.fetch([QUEUE], 30, timeout=1)
+    child.ack(fetched[:25])
+
+    # When it fetches again
+    assert fetcher.fetch([QUEUE], 10, timeout=0) == []
+
+    # Then it forgot the 25 settled elsewhere and still holds the 5 others, leased, not requeued
+    assert len(fetcher._handed) == 5
+    assert sorted(raw.lrange(inflight(fetcher), 0, -1)) == sorted(d.payload for d in fetched[25:])
+    assert raw.llen(QUEUE) == 0
 
 
 # ack, release, dead letters across processes --------------------------------------------------

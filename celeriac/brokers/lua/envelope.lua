@@ -1,5 +1,6 @@
 -- Helpers shared by the celeriac Redis broker's scripts; redis.py puts this file in front
--- of fetch.lua, release.lua and recover.lua before loading them. Not a script on its own.
+-- of every script that reads or edits envelopes (fetch, release, recover, reclaim,
+-- reconcile) before loading it. Not a script on its own.
 --
 -- Key layout (the same in every celeriac script; redis.py's header explains why):
 --   Q, Q\x06\x163, Q\x06\x166, Q\x06\x169   LISTs   kombu's queue Q, one list per priority step
