@@ -76,6 +76,7 @@ class Celery:
         self._backend: ResultBackend | None = None
         self._backend_made = False
         self._router: sending.Router | None = None
+        self._composer = sending.Composer()
         self._lock = threading.Lock()
         if set_as_current:
             _state.set_current_app(self)
@@ -255,13 +256,14 @@ class Celery:
         parent = current_request()
         if parent is not None and parent.id is not None and not parent.is_eager:
             call = call.child_of(parent.root_id or parent.id, parent.id)
-        message, eta = sending.build_message(call, self.conf, self.oid)
         serializer = serializers.by_name(
             call.serializer or (task.serializer if task is not None else None) or self.conf.task_serializer
         )
         queue = call.queue or self.router.queue_for(call.name, call.args, call.kwargs)
         try:
-            return sending.outgoing(message, queue=queue, serializer=serializer, eta=eta)
+            return self._composer.compose(
+                call, conf=self.conf, reply_to=self.oid, serializer=serializer, queue=queue
+            )
         except TypeError as exc:
             target = task if task is not None else self.tasks.get(call.name)
             raise sending.explain_unserialisable(

@@ -14,10 +14,19 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from celeriac.brokers.base import Broker, Outgoing, clamp_priority
 from celeriac.exceptions import OperationalError
 from celeriac.protocol import serializers
-from celeriac.protocol.message import TaskMessage, encode_task, pack, short_repr
+from celeriac.protocol.message import (
+    EnvelopeTemplate,
+    TaskMessage,
+    encode_task,
+    pack,
+    short_repr,
+    template_marker,
+)
 
 PROTOCOL_HEADERS = frozenset(
     {
@@ -45,6 +54,7 @@ PROTOCOL_HEADERS = frozenset(
     }
 )
 logger = logging.getLogger("celeriac.sending")
+_json = orjson.dumps  # for header values celeriac made itself: strings, ints and None
 ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 
 
@@ -92,30 +102,75 @@ def build_headers(
     extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Lay out protocol v2 headers exactly as Celery 5 sends them."""
-    headers: dict[str, Any] = {
+    headers = _header_layout(
+        name=name,
+        task_id=task_id,
+        shadow=shadow,
+        eta=eta.isoformat() if eta else None,
+        expires=expires.isoformat() if expires else None,
+        group_id=group_id,
+        group_index=group_index,
+        retries=retries,
+        timelimit=timelimit,
+        root_id=root_id or task_id,
+        parent_id=parent_id,
+        argsrepr=short_repr(tuple(args)),
+        kwargsrepr=short_repr(dict(kwargs)),
+        ignore_result=ignore_result,
+    )
+    if extra:
+        headers.update({key: value for key, value in extra.items() if key not in ("task", "id")})
+    return headers
+
+
+def _header_layout(
+    *,
+    name: str,
+    task_id: str,
+    shadow: str | None,
+    eta: str | None,
+    expires: str | None,
+    group_id: str | None,
+    group_index: int | str | None,
+    retries: int,
+    timelimit: tuple[float | None, float | None],
+    root_id: str,
+    parent_id: str | None,
+    argsrepr: str,
+    kwargsrepr: str,
+    ignore_result: bool,
+) -> dict[str, Any]:
+    # The one place that orders the headers: messages and envelope templates both use it.
+    return {
         "lang": "py",
         "task": name,
         "id": task_id,
         "shadow": shadow,
-        "eta": eta.isoformat() if eta else None,
-        "expires": expires.isoformat() if expires else None,
+        "eta": eta,
+        "expires": expires,
         "group": group_id,
         "group_index": group_index,
         "retries": retries,
         "timelimit": [timelimit[0], timelimit[1]],
-        "root_id": root_id or task_id,
+        "root_id": root_id,
         "parent_id": parent_id,
-        "argsrepr": short_repr(tuple(args)),
-        "kwargsrepr": short_repr(dict(kwargs)),
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
         "origin": ORIGIN,
         "ignore_result": ignore_result,
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
     }
-    if extra:
-        headers.update({key: value for key, value in extra.items() if key not in ("task", "id")})
-    return headers
+
+
+def _properties(task_id: str, reply_to: str, priority: int | None) -> dict[str, Any]:
+    return {
+        "correlation_id": task_id,
+        "reply_to": reply_to,
+        "delivery_mode": 2,
+        "priority": priority or 0,
+    }
 
 
 def explain_unserialisable(
@@ -211,9 +266,14 @@ def _queue_of(target: Any) -> str | None:
     return getattr(queue, "name", queue)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """One task call with its options, before it becomes a message."""
+    """One task call with its options, before it becomes a message.
+
+    Treat it as immutable (`child_of` and `dataclasses.replace` make changed copies); it is
+    not declared frozen because a frozen dataclass of this size costs several microseconds
+    to build, on the path of every `delay()`.
+    """
 
     name: str
     args: tuple[Any, ...] = ()
@@ -274,12 +334,7 @@ def build_message(call: Call, conf: Any, reply_to: str) -> tuple[TaskMessage, da
         "chain": list(call.chain) if call.chain else None,
         "chord": call.chord,
     }
-    properties = {
-        "correlation_id": call.task_id,
-        "reply_to": reply_to,
-        "delivery_mode": 2,
-        "priority": priority or 0,
-    }
+    properties = _properties(call.task_id, reply_to, priority)
     return TaskMessage(headers, call.args, dict(call.kwargs), embed, properties), eta
 
 
@@ -299,21 +354,196 @@ def outgoing(
     return Outgoing(queue, payload, clamp_priority(message.priority), when)
 
 
+# Fast composition: one envelope template per kind of call ---------------------------------
+
+# The per-message values of a template, in the order they appear in the packed envelope.
+_SLOTS = (
+    "id",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "root_id",
+    "parent_id",
+    "argsrepr",
+    "kwargsrepr",
+    "correlation_id",
+)
+_NULL = b"null"
+_EMPTY_EMBED: Mapping[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_TEMPLATES_KEPT = 512
+
+
+class Composer:
+    """Turns calls into packed messages, byte for byte as `outgoing(build_message(...))` does.
+
+    Calls to one task with the same options differ only in ids, arguments and a few headers,
+    so each kind of call gets an `EnvelopeTemplate` made once, and a message costs little
+    more than serialising its arguments. Calls with custom headers take the general path.
+    """
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[Any, ...], EnvelopeTemplate] = {}
+
+    def compose(
+        self, call: Call, *, conf: Any, reply_to: str, serializer: serializers.Serializer, queue: str
+    ) -> Outgoing:
+        """Serialise `call` for `queue`.
+
+        Raises:
+            TypeError: An argument (or a signature in the embed) cannot be serialised.
+        """
+        if call.headers:
+            message, eta = build_message(call, conf, reply_to)
+            return outgoing(message, queue=queue, serializer=serializer, eta=eta)
+        eta = expires = None
+        if call.countdown is not None or call.eta is not None:
+            eta = resolve_eta(call.countdown, call.eta, bool(conf.enable_utc))
+        if call.expires is not None:
+            expires = resolve_expires(call.expires, bool(conf.enable_utc))
+        ignore = call.ignore_result if call.ignore_result is not None else conf.task_ignore_result
+        priority = call.priority if call.priority is not None else conf.task_default_priority
+        template = self._template(call, bool(ignore), priority, queue, serializer, reply_to)
+        body = encode_body(serializer, call.args, call.kwargs, _embed(call))
+        payload = template.fill(body, _slot_values(call, eta, expires))
+        return Outgoing(queue, payload, clamp_priority(priority), eta.timestamp() if eta else None)
+
+    def _template(
+        self,
+        call: Call,
+        ignore: bool,
+        priority: int | None,
+        queue: str,
+        serializer: serializers.Serializer,
+        reply_to: str,
+    ) -> EnvelopeTemplate:
+        hard, soft, retries = call.time_limit, call.soft_time_limit, call.retries
+        # Types as well as values: 30 and 30.0 are equal keys but different JSON.
+        key = (
+            call.name,
+            call.shadow,
+            retries,
+            type(retries),
+            hard,
+            type(hard),
+            soft,
+            type(soft),
+            ignore,
+            priority,
+            type(priority),
+            queue,
+            serializer.name,
+            reply_to,
+        )
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= _TEMPLATES_KEPT:
+                self._templates.clear()
+            template = self._templates[key] = _compile_template(
+                call, ignore, priority, queue, serializer, reply_to
+            )
+        return template
+
+
+def _compile_template(
+    call: Call,
+    ignore: bool,
+    priority: int | None,
+    queue: str,
+    serializer: serializers.Serializer,
+    reply_to: str,
+) -> EnvelopeTemplate:
+    mark = template_marker
+    headers = _header_layout(
+        name=call.name,
+        task_id=mark("id"),
+        shadow=call.shadow,
+        eta=mark("eta"),
+        expires=mark("expires"),
+        group_id=mark("group"),
+        group_index=mark("group_index"),
+        retries=call.retries,
+        timelimit=(call.time_limit, call.soft_time_limit),
+        root_id=mark("root_id"),
+        parent_id=mark("parent_id"),
+        argsrepr=mark("argsrepr"),
+        kwargsrepr=mark("kwargsrepr"),
+        ignore_result=ignore,
+    )
+    return EnvelopeTemplate.compile(
+        slots=_SLOTS,
+        headers=headers,
+        properties=_properties(mark("correlation_id"), reply_to, priority),
+        content_type=serializer.content_type,
+        content_encoding=serializer.content_encoding,
+        routing_key=queue,
+    )
+
+
+def _embed(call: Call) -> Mapping[str, Any]:
+    if call.link is None and call.link_error is None and not call.chain and call.chord is None:
+        return _EMPTY_EMBED
+    return {
+        "callbacks": _signature_list(call.link),
+        "errbacks": _signature_list(call.link_error),
+        "chain": list(call.chain) if call.chain else None,
+        "chord": call.chord,
+    }
+
+
+def encode_body(
+    serializer: serializers.Serializer,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    embed: Mapping[str, Any],
+) -> bytes:
+    """Serialise a task body `[args, kwargs, embed]` as `encode_task` does."""
+    if serializer.dumps is serializers.json_dumps:  # JSON writes tuples as lists: no copies needed
+        return serializers.json_dumps_task_body(args, kwargs, embed)
+    return serializer.dumps([list(args), dict(kwargs), dict(embed)])
+
+
+def _slot_values(call: Call, eta: datetime | None, expires: datetime | None) -> tuple[bytes, ...]:
+    task_id = _json(call.task_id)
+    kwargs = call.kwargs
+    return (
+        task_id,
+        _json(eta.isoformat()) if eta is not None else _NULL,
+        _json(expires.isoformat()) if expires is not None else _NULL,
+        _json(call.group_id),
+        _json(call.group_index),
+        _json(call.root_id) if call.root_id else task_id,
+        _json(call.parent_id),
+        _json(short_repr(call.args if type(call.args) is tuple else tuple(call.args))),
+        _json(short_repr(kwargs if type(kwargs) is dict else dict(kwargs))) if kwargs else b'"{}"',
+        task_id,
+    )
+
+
 def publish_with_retry(broker: Broker, messages: Sequence[Outgoing], conf: Any) -> None:
     """Publish, retrying a broker outage per `task_publish_retry` and its policy (Celery's defaults)."""
+    try:
+        broker.publish(messages)
+    except OperationalError as exc:
+        _publish_again(broker, messages, conf, exc)
+
+
+def _publish_again(broker: Broker, messages: Sequence[Outgoing], conf: Any, first: OperationalError) -> None:
     policy = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.2}
     policy.update(conf.task_publish_retry_policy or {})
     retries = int(policy["max_retries"]) if conf.task_publish_retry else 0
     pause = float(policy["interval_start"])
-    for attempt in range(retries + 1):
+    failure = first
+    for attempt in range(1, retries + 2):
+        if attempt > retries:
+            raise OperationalError(
+                f"could not publish to the broker after {attempt} attempts: {failure}"
+            ) from failure
+        logger.warning("Broker unreachable while publishing (%s); retrying in %.2fs", failure, pause)
+        time.sleep(pause)
+        pause = min(pause + float(policy["interval_step"]), float(policy["interval_max"]))
         try:
             broker.publish(messages)
             return
         except OperationalError as exc:
-            if attempt >= retries:
-                raise OperationalError(
-                    f"could not publish to the broker after {attempt + 1} attempts: {exc}"
-                ) from exc
-            logger.warning("Broker unreachable while publishing (%s); retrying in %.2fs", exc, pause)
-            time.sleep(pause)
-            pause = min(pause + float(policy["interval_step"]), float(policy["interval_max"]))
+            failure = exc

@@ -27,15 +27,19 @@ _repr.maxlevel = 4
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
+_REPR_CHEAP = _SCALARS | {str}
 _SHORT_STRING = 200
 
 
 def _plain(value: Any) -> bool:
     # Containers of numbers and short strings: repr() is cheap and bounded, no reprlib needed.
     items = value.values() if isinstance(value, dict) else value
-    return len(items) <= 30 and all(
-        type(item) in _SCALARS or (type(item) is str and len(item) <= _SHORT_STRING) for item in items
-    )
+    if len(items) > 30:
+        return False
+    kinds = set(map(type, items))
+    if not kinds <= _REPR_CHEAP:
+        return False
+    return str not in kinds or all(len(item) <= _SHORT_STRING for item in items if type(item) is str)
 
 
 def short_repr(value: Any, limit: int = ARGSREPR_LIMIT) -> str:
@@ -45,13 +49,31 @@ def short_repr(value: Any, limit: int = ARGSREPR_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_ID_BATCH = 64  # ids made per os.urandom call
+_VARIANT = {f"{n:x}": f"{(n & 0x3) | 0x8:x}" for n in range(16)}  # RFC 4122 variant bits
+_spare_ids: list[str] = []  # random ids made ahead; list.pop is atomic, so threads share it safely
+
+
+def _uuid4_batch() -> list[str]:
+    # str(uuid.uuid4()) builds and validates a UUID object per id; this lays out the same text
+    # (version nibble 4, variant 10xx) straight from the hex of one larger urandom read.
+    text = os.urandom(16 * _ID_BATCH).hex()
+    return [
+        f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+        for h in (text[start : start + 32] for start in range(0, len(text), 32))
+    ]
+
+
 def _uuid4_text() -> str:
-    # str(uuid.uuid4()) builds and validates a UUID object; this makes the same text directly.
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        _spare_ids.extend(_uuid4_batch())
+        return _spare_ids.pop()
+
+
+# A forked child must not hand out the ids its parent already holds.
+os.register_at_fork(after_in_child=_spare_ids.clear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,18 +184,126 @@ def _check_headers(message: TaskMessage) -> None:
 
 def pack(envelope: Envelope, routing_key: str, exchange: str = "") -> bytes:
     """Wrap an envelope as the JSON document kombu puts on a queue."""
-    properties = dict(envelope.properties)
-    properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
-    properties["body_encoding"] = "base64"
-    properties["delivery_tag"] = _uuid4_text()
-    document = {
-        "body": base64.b64encode(envelope.body).decode("ascii"),
-        "content-encoding": envelope.content_encoding,
-        "content-type": envelope.content_type,
-        "headers": envelope.headers,
-        "properties": properties,
-    }
+    document = _document(
+        base64.b64encode(envelope.body).decode("ascii"),
+        envelope.content_type,
+        envelope.content_encoding,
+        envelope.headers,
+        envelope.properties,
+        routing_key,
+        exchange,
+        _uuid4_text(),
+    )
     return serializers.json_dumps_envelope(document)
+
+
+def _document(
+    body: str,
+    content_type: str,
+    content_encoding: str,
+    headers: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    routing_key: str,
+    exchange: str,
+    delivery_tag: str,
+) -> dict[str, Any]:
+    """Lay out kombu's envelope: its keys and the properties kombu adds, in kombu's order."""
+    full = dict(properties)
+    full["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
+    full["body_encoding"] = "base64"
+    full["delivery_tag"] = delivery_tag
+    return {
+        "body": body,
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": full,
+    }
+
+
+class EnvelopeTemplate:
+    """The bytes `pack` writes for one kind of message, with holes where per-message values go.
+
+    Messages that differ only in their ids, arguments and a few headers share everything
+    else, so that part is serialised once: `compile` packs a sample whose varying values are
+    marker strings and splits the JSON at them; `fill` puts each message's JSON-encoded values
+    back in. The result is byte for byte what `pack` makes of the same message.
+    """
+
+    __slots__ = ("_format", "_order", "slots")
+
+    def __init__(self, text: bytes, markers: Sequence[bytes], slots: Sequence[str]) -> None:
+        found = sorted(
+            (at, index) for index, marker in enumerate(markers) for at in _occurrences(text, marker)
+        )
+        pieces, order, start = [], [], 0
+        for at, index in found:
+            pieces.append(text[start:at].replace(b"%", b"%%"))
+            order.append(index)
+            start = at + len(markers[index])
+        pieces.append(text[start:].replace(b"%", b"%%"))
+        self._format = b"%b".join(pieces)
+        self._order: tuple[int, ...] | None = None if order == list(range(len(markers))) else tuple(order)
+        self.slots = tuple(slots)
+
+    @classmethod
+    def compile(
+        cls,
+        *,
+        slots: Sequence[str],
+        headers: Mapping[str, Any],
+        properties: Mapping[str, Any],
+        content_type: str,
+        content_encoding: str,
+        routing_key: str,
+        exchange: str = "",
+    ) -> EnvelopeTemplate:
+        """Make the template of messages with these headers and properties.
+
+        Args:
+            slots: Names of the per-message values, in the order `fill` takes them. The body
+                (base64 text) and the delivery tag are filled by `fill` itself and are not named.
+            headers: The headers, holding `template_marker(name)` wherever slot `name`'s value
+                goes (a slot may be used more than once, or not at all).
+            properties: The properties, marked the same way.
+        """
+        markers = {name: template_marker(name) for name in ("body", *slots, "delivery_tag")}
+        document = _document(
+            markers["body"],
+            content_type,
+            content_encoding,
+            headers,
+            properties,
+            routing_key,
+            exchange,
+            markers["delivery_tag"],
+        )
+        text = serializers.json_dumps_envelope(document)
+        names = ["body", *slots, "delivery_tag"]
+        return cls(text, [serializers.json_dumps_envelope(markers[name]) for name in names], slots)
+
+    def fill(self, body: bytes, values: Sequence[bytes]) -> bytes:
+        """Pack one message: its serialised body and its slots' values, each already JSON."""
+        filled = (b'"' + base64.b64encode(body) + b'"', *values, b'"' + _uuid4_text().encode() + b'"')
+        if self._order is not None:
+            filled = tuple(filled[index] for index in self._order)
+        return self._format % filled
+
+
+_MARKER_NONCE = os.urandom(8).hex()
+
+
+def template_marker(name: str) -> str:
+    """The string that stands for slot `name` in a template's sample message."""
+    return f"\x00{_MARKER_NONCE}:{name}\x00"
+
+
+def _occurrences(text: bytes, marker: bytes) -> list[int]:
+    found, at = [], text.find(marker)
+    while at >= 0:
+        found.append(at)
+        at = text.find(marker, at + len(marker))
+    return found
 
 
 def unpack(raw: bytes | str) -> Envelope:

@@ -69,26 +69,33 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 def _tag_uuids(obj: Any) -> Any:
     # orjson writes UUIDs as bare strings with no way to intercept them, so tag them first.
-    if type(obj) in _SCALARS:
+    kind = type(obj)
+    if kind in _SCALARS:
         return obj
-    if isinstance(obj, uuid.UUID):
-        return _tagged("uuid", {"hex": obj.hex, "version": obj.version})
-    if isinstance(obj, list | tuple):
-        if all(type(item) in _SCALARS for item in obj):  # the usual case: nothing to walk
+    if kind is tuple or kind is list or isinstance(obj, list | tuple):
+        if _SCALARS.issuperset(map(type, obj)):  # the usual case: nothing to walk
             return obj
         items = [_tag_uuids(item) for item in obj]
         return items if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
-    if isinstance(obj, dict):
-        if all(type(value) in _SCALARS for value in obj.values()):
+    if kind is dict or isinstance(obj, dict):
+        if _SCALARS.issuperset(map(type, obj.values())):
             return obj
         pairs = {key: _tag_uuids(value) for key, value in obj.items()}
         return pairs if any(pairs[k] is not obj[k] for k in obj) else obj
+    if isinstance(obj, uuid.UUID):
+        return _tagged("uuid", {"hex": obj.hex, "version": obj.version})
     return obj
 
 
 def json_dumps(obj: Any) -> bytes:
     """Encode `obj` as JSON bytes, tagging the types JSON lacks as kombu does."""
     return orjson.dumps(_tag_uuids(obj), default=_json_default, option=_ORJSON_OPTIONS)
+
+
+def json_dumps_task_body(args: Any, kwargs: Any, embed: Any) -> bytes:
+    """Encode a task body `[args, kwargs, embed]` as `json_dumps` would, without building the list."""
+    body = (_tag_uuids(args), _tag_uuids(kwargs), _tag_uuids(embed))
+    return orjson.dumps(body, default=_json_default, option=_ORJSON_OPTIONS)
 
 
 def json_dumps_envelope(obj: Any) -> bytes:

@@ -513,3 +513,70 @@ def test_queue_priority_and_routes_choose_where_the_message_goes(app: Celery) ->
     urgent = json.loads(fetch_one(app, "urgent").payload)
     assert urgent["properties"]["priority"] == 7
     assert urgent["properties"]["delivery_info"]["routing_key"] == "urgent"
+
+
+# the fast path lays out the same bytes ---------------------------------------------------
+
+_SAME_BYTES_CALLS: list[dict[str, Any]] = [
+    {},
+    {"args": (1, "two", 3.5, None, True)},
+    {"args": (Decimal("1.5"), datetime(2024, 5, 6, tzinfo=UTC), uuid.UUID(int=7), b"raw", b"\xff")},
+    {"args": ([1, [uuid.UUID(int=1)]],), "kwargs": {"deep": {"when": datetime(2024, 1, 1)}}},
+    {"args": ("x" * 5000,), "kwargs": {"many": list(range(100))}},
+    {"kwargs": {"b": 2, "a": '100% "quoted" \\ ünïcode'}},
+    {"eta": datetime(2030, 1, 2, 3, 4, 5), "expires": datetime(2030, 1, 3, tzinfo=UTC)},
+    {"group_id": "g-1", "group_index": 3, "root_id": "r-1", "parent_id": "p-1"},
+    {"priority": 7, "queue": "urgent", "time_limit": 30, "soft_time_limit": 20.5, "shadow": "sh%dow"},
+    {"time_limit": 30.0, "retries": 2, "ignore_result": True},
+    {"serializer": "pickle", "args": (1, (2, 3)), "kwargs": {"k": {"v"}}},
+    {"headers": {"custom": 1, "argsrepr": "mine"}},
+    {
+        "link": {
+            "task": "cb",
+            "args": [],
+            "kwargs": {},
+            "options": {},
+            "subtask_type": None,
+            "immutable": False,
+        },
+        "link_error": [{"task": "eb", "args": [uuid.UUID(int=9)], "kwargs": {}, "options": {}}],
+        "chain": [{"task": "next", "args": [1], "kwargs": {}, "options": {"task_id": "n-1"}}],
+        "chord": {"task": "body", "args": [], "kwargs": {}, "options": {"task_id": "b-1"}},
+    },
+]
+
+
+@pytest.mark.parametrize("options", _SAME_BYTES_CALLS, ids=lambda options: ",".join(options) or "plain")
+def test_composed_messages_are_byte_for_byte_the_general_layout(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    # Given delivery tags that are predictable, so two packings of one call can be compared
+    from celeriac import sending
+    from celeriac.protocol import message as message_module
+    from celeriac.protocol import serializers
+
+    tags = iter(range(10**6))
+    monkeypatch.setattr(message_module, "_uuid4_text", lambda: f"tag-{next(tags)}")
+    app.conf.task_routes = {'%weird "name"': {"queue": "q-ü"}}
+    for name in ("proj.task", '%weird "name"'):
+        call = sending.Call(name=name, task_id="0f0e-id", **options)
+        serializer = serializers.by_name(call.serializer or "json")
+        queue = call.queue or app.router.queue_for(call.name, call.args, call.kwargs)
+        # When it is packed by the general path and twice by the composer (the second from its template)
+        message, eta = sending.build_message(call, app.conf, app.oid)
+        general = sending.outgoing(message, queue=queue, serializer=serializer, eta=eta)
+        composer = sending.Composer()
+        first, second = (
+            composer.compose(call, conf=app.conf, reply_to=app.oid, serializer=serializer, queue=queue)
+            for _ in range(2)
+        )
+        # Then all three are the same bytes, apart from the delivery tag, in the same place
+        for composed in (first, second):
+            assert composed.queue == general.queue and composed.priority == general.priority
+            assert composed.eta == general.eta
+            assert _untagged(composed.payload) == _untagged(general.payload)
+
+
+def _untagged(payload: bytes) -> bytes:
+    start = payload.index(b'"delivery_tag":"tag-') + len(b'"delivery_tag":"tag-')
+    return payload[:start] + payload[payload.index(b'"', start) :]
