@@ -18,7 +18,7 @@ from celeriac.config import Settings
 from celeriac.exceptions import BackendNotConfigured, NotRegistered
 from celeriac.protocol import serializers
 from celeriac.protocol.message import new_id
-from celeriac.request import current_request
+from celeriac.request import Request, current_request
 from celeriac.result import AsyncResult
 from celeriac.task import Task, build_task_class
 
@@ -253,16 +253,35 @@ class Celery:
         Raises:
             TypeError: An argument cannot be serialised; the message names it.
         """
-        parent = current_request()
+        router = None if call.queue else self.router
+        return self._prepare(call, task, current_request(), self.conf, router)
+
+    def prepare_many(self, calls: Sequence[tuple[sending.Call, Task[Any, Any] | None]]) -> list[Outgoing]:
+        """`prepare` each `(call, task)` pair, reading the settings once for them all.
+
+        Raises:
+            TypeError: An argument cannot be serialised; the message names it.
+        """
+        parent, conf, router = current_request(), sending.send_settings(self.conf), self.router
+        return [self._prepare(call, task, parent, conf, router) for call, task in calls]
+
+    def _prepare(
+        self,
+        call: sending.Call,
+        task: Task[Any, Any] | None,
+        parent: Request | None,
+        conf: Mapping[str, Any],
+        router: sending.Router | None,
+    ) -> Outgoing:
         if parent is not None and parent.id is not None and not parent.is_eager:
             call = call.child_of(parent.root_id or parent.id, parent.id)
         serializer = serializers.by_name(
-            call.serializer or (task.serializer if task is not None else None) or self.conf.task_serializer
+            call.serializer or (task.serializer if task is not None else None) or conf["task_serializer"]
         )
-        queue = call.queue or self.router.queue_for(call.name, call.args, call.kwargs)
+        queue = call.queue or (router or self.router).queue_for(call.name, call.args, call.kwargs)
         try:
             return self._composer.compose(
-                call, conf=self.conf, reply_to=self.oid, serializer=serializer, queue=queue
+                call, conf=conf, reply_to=self.oid, serializer=serializer, queue=queue
             )
         except TypeError as exc:
             target = task if task is not None else self.tasks.get(call.name)
@@ -281,7 +300,7 @@ class Celery:
     @property
     def router(self) -> sending.Router:
         """Chooses queues from `task_routes` and `task_default_queue`."""
-        routes, default = self.conf.task_routes, self.conf.task_default_queue
+        routes, default = self.conf["task_routes"], self.conf["task_default_queue"]
         cached = self._router
         if cached is None or cached.source is not routes or cached.default_queue != default:
             cached = self._router = sending.Router(routes, default)

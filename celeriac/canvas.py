@@ -13,12 +13,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac.protocol.message import new_id
+from celeriac.result import AsyncResult, GroupResult
 from celeriac.sending import Call
 
 if TYPE_CHECKING:
     from celeriac.app import Celery
-    from celeriac.brokers.base import Outgoing
-    from celeriac.result import AsyncResult, GroupResult
 
 # Options a signature may carry that become part of the call; others ride along unused.
 _CALL_OPTIONS = frozenset(Call.__dataclass_fields__) - {"name", "args", "kwargs"}
@@ -157,25 +156,56 @@ class Signature:
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncResult[Any]:
         """Send the call, with `args` prepended and `kwargs`/`options` merged in."""
-        merged = self.clone(args, kwargs, **options)
+        call = self.call_with(args, kwargs, options)
         app = self.app
-        app.publish([app.prepare(merged.as_call(), app.tasks.get(merged.task))])
-        from celeriac.result import AsyncResult
-
-        return AsyncResult(str(merged.options["task_id"]), app=app)
+        app.publish([app.prepare(call, app.tasks.get(call.name))])
+        return AsyncResult(str(call.task_id), app=app)
 
     def as_call(self) -> Call:
         """The call this signature makes (frozen with a task id if it had none)."""
         self.freeze()
-        chosen = {key: value for key, value in self.options.items() if key in _CALL_OPTIONS}
-        if "routing_key" in self.options and "queue" not in chosen:
-            chosen["queue"] = self.options["routing_key"]
-        return Call(name=self.task, args=self.args, kwargs=self.kwargs, **chosen)
+        return _call(self.task, self.args, self.kwargs, self.options)
+
+    def call_with(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Call:
+        """The call `clone(args, kwargs, **options).as_call()` makes, without the clone.
+
+        This signature is left as it is (not frozen); the call gets a fresh task id unless
+        the options give one.
+        """
+        if self.immutable or not (args or kwargs):
+            merged_args, merged_kwargs = self.args, self.kwargs
+        else:
+            merged_args = tuple(args) + self.args
+            merged_kwargs = {**self.kwargs, **kwargs} if kwargs else self.kwargs
+        merged = {**self.options, **options} if options else self.options
+        return _call(self.task, merged_args, merged_kwargs, merged)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task here and now, as a function call."""
         merged = self.clone(args, kwargs)
         return self.app.tasks[self.task](*merged.args, **merged.kwargs)
+
+
+def _call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Mapping[str, Any]) -> Call:
+    """The call of task `name` with these options (a fresh task id unless they hold one)."""
+    if not options:
+        return Call(name=name, args=args, kwargs=kwargs, task_id=new_id())
+    chosen = {key: value for key, value in options.items() if key in _CALL_OPTIONS}
+    if "task_id" not in chosen:
+        chosen["task_id"] = new_id()
+    if "routing_key" in options and "queue" not in chosen:
+        chosen["queue"] = options["routing_key"]
+    return Call(name=name, args=args, kwargs=kwargs, **chosen)
+
+
+def _publish_all(app: Celery, calls: Sequence[Call]) -> None:
+    tasks = app.tasks
+    app.publish(app.prepare_many([(call, tasks.get(call.name)) for call in calls]))
 
 
 def signature(task: str | Signature | Mapping[str, Any], *args: Any, **kwargs: Any) -> Signature:
@@ -227,8 +257,6 @@ class chain:
         first, rest = steps[0], steps[1:]
         remaining = [step.to_dict() for step in reversed(rest)]
         first.apply_async(args, kwargs, chain=remaining or None, **options)
-        from celeriac.result import AsyncResult
-
         return AsyncResult(str(steps[-1].options["task_id"]), app=first.app)
 
 
@@ -257,20 +285,16 @@ class group:
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> GroupResult:
         """Send every member in one batch; return a `GroupResult` over them."""
-        from celeriac.result import AsyncResult, GroupResult
-
         group_id = options.pop("group_id", None) or new_id()
         if not self.tasks:
             return GroupResult(group_id, [])
         app = self.tasks[0].app
-        messages: list[Outgoing] = []
-        results: list[AsyncResult[Any]] = []
-        for index, member in enumerate(self.tasks):
-            call = member.clone(args, kwargs, group_id=group_id, group_index=index, **options)
-            messages.append(app.prepare(call.as_call(), app.tasks.get(call.task)))
-            results.append(AsyncResult(str(call.options["task_id"]), app=app))
-        app.publish(messages)
-        return GroupResult(group_id, results, app=app)
+        calls = [
+            member.call_with(args, kwargs, {**options, "group_id": group_id, "group_index": index})
+            for index, member in enumerate(self.tasks)
+        ]
+        _publish_all(app, calls)
+        return GroupResult(group_id, [AsyncResult(str(call.task_id), app=app) for call in calls], app=app)
 
 
 def send_followups(app: Celery, request: Any, retval: Any) -> None:
@@ -278,15 +302,13 @@ def send_followups(app: Celery, request: Any, retval: Any) -> None:
 
     Called inside the task's context, so each follow-up gets this task as its parent.
     """
-    follow: list[Signature] = [
-        Signature.from_dict(callback, app).clone((retval,)) for callback in request.callbacks or ()
-    ]
+    follow = [Signature.from_dict(callback, app).call_with((retval,)) for callback in request.callbacks or ()]
     if request.chain:
         steps = list(request.chain)
         upcoming = Signature.from_dict(steps.pop(), app)
-        follow.append(upcoming.clone((retval,), chain=steps or None))
+        follow.append(upcoming.call_with((retval,), None, {"chain": steps or None}))
     if follow:
-        app.publish([app.prepare(sig.as_call(), app.tasks.get(sig.task)) for sig in follow])
+        _publish_all(app, follow)
 
 
 def send_errbacks(app: Celery, request: Any, exc: BaseException) -> None:
@@ -297,9 +319,11 @@ def send_errbacks(app: Celery, request: Any, exc: BaseException) -> None:
             step_id = (step.get("options") or {}).get("task_id")
             if step_id:
                 backend.store_result(step_id, exc, "FAILURE")
-    errbacks = [Signature.from_dict(errback, app).clone((request.id,)) for errback in request.errbacks or ()]
+    errbacks = [
+        Signature.from_dict(errback, app).call_with((request.id,)) for errback in request.errbacks or ()
+    ]
     if errbacks:
-        app.publish([app.prepare(sig.as_call(), app.tasks.get(sig.task)) for sig in errbacks])
+        _publish_all(app, errbacks)
 
 
 class chord:
@@ -327,8 +351,6 @@ class chord:
         """
         if self.body is None:
             raise ValueError("a chord needs a body: chord(header, body) or chord(header)(body)")
-        from celeriac.result import AsyncResult
-
         group_id = options.pop("group_id", None) or new_id()
         body = self.body.clone(group_id=group_id)
         body.freeze(options.pop("task_id", None))
@@ -338,13 +360,14 @@ class chord:
             body.apply_async(([],))
         else:
             app.require_backend().set_chord_size(group_id, len(members))
-            messages = []
-            for index, member in enumerate(members):
-                call = member.clone(
-                    args, kwargs, group_id=group_id, group_index=index, chord=body.to_dict(), **options
+            embedded = body.to_dict()
+            calls = [
+                member.call_with(
+                    args, kwargs, {**options, "group_id": group_id, "group_index": index, "chord": embedded}
                 )
-                messages.append(app.prepare(call.as_call(), app.tasks.get(call.task)))
-            app.publish(messages)
+                for index, member in enumerate(members)
+            ]
+            _publish_all(app, calls)
         return AsyncResult(str(body.id), app=app)
 
 
@@ -368,6 +391,8 @@ def complete_chord_part(app: Celery, request: Any, state: str, value: Any) -> No
     error = ChordError(f"Dependency {failed['task_id']} raised {cause!r}")
     if body.id:
         backend.store_result(body.id, error, "FAILURE")
-    errbacks = [Signature.from_dict(e, app).clone((body.id,)) for e in body.options.get("link_error") or ()]
+    errbacks = [
+        Signature.from_dict(e, app).call_with((body.id,)) for e in body.options.get("link_error") or ()
+    ]
     if errbacks:
-        app.publish([app.prepare(sig.as_call(), app.tasks.get(sig.task)) for sig in errbacks])
+        _publish_all(app, errbacks)

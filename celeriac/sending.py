@@ -305,12 +305,12 @@ class Call:
         return replace(self, root_id=self.root_id or root_id, parent_id=self.parent_id or parent_id)
 
 
-def build_message(call: Call, conf: Any, reply_to: str) -> tuple[TaskMessage, datetime | None]:
-    """Lay out the protocol v2 message for `call`; return it with its eta."""
-    utc = bool(conf.enable_utc)
+def build_message(call: Call, conf: Mapping[str, Any], reply_to: str) -> tuple[TaskMessage, datetime | None]:
+    """Lay out the protocol v2 message for `call`; return it with its eta (`conf`: see `send_settings`)."""
+    utc = bool(conf["enable_utc"])
     eta = resolve_eta(call.countdown, call.eta, utc)
-    ignore = call.ignore_result if call.ignore_result is not None else conf.task_ignore_result
-    priority = call.priority if call.priority is not None else conf.task_default_priority
+    ignore = call.ignore_result if call.ignore_result is not None else conf["task_ignore_result"]
+    priority = call.priority if call.priority is not None else conf["task_default_priority"]
     headers = build_headers(
         name=call.name,
         task_id=call.task_id,
@@ -356,6 +356,20 @@ def outgoing(
 
 # Fast composition: one envelope template per kind of call ---------------------------------
 
+
+_SEND_SETTINGS = ("enable_utc", "task_ignore_result", "task_default_priority", "task_serializer")
+
+
+def send_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings messages are built from, read once for a batch of them.
+
+    `build_message`, `Composer.compose` and `Celery.prepare` read settings by item (which
+    is several times cheaper than by attribute on `Settings`), from the app's settings or
+    from this snapshot of them.
+    """
+    return {name: conf[name] for name in _SEND_SETTINGS}
+
+
 # The per-message values of a template, in the order they appear in the packed envelope.
 _SLOTS = (
     "id",
@@ -386,9 +400,15 @@ class Composer:
         self._templates: dict[tuple[Any, ...], EnvelopeTemplate] = {}
 
     def compose(
-        self, call: Call, *, conf: Any, reply_to: str, serializer: serializers.Serializer, queue: str
+        self,
+        call: Call,
+        *,
+        conf: Mapping[str, Any],
+        reply_to: str,
+        serializer: serializers.Serializer,
+        queue: str,
     ) -> Outgoing:
-        """Serialise `call` for `queue`.
+        """Serialise `call` for `queue`; `conf` is the app's settings or `send_settings` of them.
 
         Raises:
             TypeError: An argument (or a signature in the embed) cannot be serialised.
@@ -398,11 +418,11 @@ class Composer:
             return outgoing(message, queue=queue, serializer=serializer, eta=eta)
         eta = expires = None
         if call.countdown is not None or call.eta is not None:
-            eta = resolve_eta(call.countdown, call.eta, bool(conf.enable_utc))
+            eta = resolve_eta(call.countdown, call.eta, bool(conf["enable_utc"]))
         if call.expires is not None:
-            expires = resolve_expires(call.expires, bool(conf.enable_utc))
-        ignore = call.ignore_result if call.ignore_result is not None else conf.task_ignore_result
-        priority = call.priority if call.priority is not None else conf.task_default_priority
+            expires = resolve_expires(call.expires, bool(conf["enable_utc"]))
+        ignore = call.ignore_result if call.ignore_result is not None else conf["task_ignore_result"]
+        priority = call.priority if call.priority is not None else conf["task_default_priority"]
         template = self._template(call, bool(ignore), priority, queue, serializer, reply_to)
         body = encode_body(serializer, call.args, call.kwargs, _embed(call))
         payload = template.fill(body, _slot_values(call, eta, expires))

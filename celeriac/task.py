@@ -8,13 +8,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from celeriac import states
+from celeriac.canvas import Signature
 from celeriac.exceptions import MaxRetriesExceededError, Retry
 from celeriac.request import Request, current_request
+from celeriac.result import AsyncResult
 
 if TYPE_CHECKING:
     from celeriac.app import Celery
-    from celeriac.canvas import Signature
-    from celeriac.result import AsyncResult, EagerResult
+    from celeriac.result import EagerResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -137,9 +138,10 @@ class Task(Generic[P, R]):
         Raises:
             TypeError: An argument cannot be serialised; the message names it.
         """
-        if self.app.conf.task_always_eager:
+        app = self.app
+        if app.conf["task_always_eager"]:  # by item: several times cheaper than by attribute
             return self.apply(args, kwargs, task_id=task_id, retries=retries, headers=headers)
-        return self.app.send_task(
+        return app.send_task(
             self.name,
             args,
             kwargs,
@@ -188,8 +190,6 @@ class Task(Generic[P, R]):
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> Signature:
         """Describe a call of this task without making it (for chains, groups and callbacks)."""
-        from celeriac.canvas import Signature
-
         return Signature(self.name, args, kwargs, options, app=self._app)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
@@ -204,8 +204,6 @@ class Task(Generic[P, R]):
 
     def AsyncResult(self, task_id: str) -> AsyncResult[R]:
         """Return the result handle for `task_id` of this task."""
-        from celeriac.result import AsyncResult
-
         return AsyncResult(task_id, app=self.app)
 
     # retrying --------------------------------------------------------------------------

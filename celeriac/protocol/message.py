@@ -9,6 +9,7 @@ stores too, so every broker moves the same opaque bytes.
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -284,7 +285,8 @@ class EnvelopeTemplate:
 
     def fill(self, body: bytes, values: Sequence[bytes]) -> bytes:
         """Pack one message: its serialised body and its slots' values, each already JSON."""
-        filled = (b'"' + base64.b64encode(body) + b'"', *values, b'"' + _uuid4_text().encode() + b'"')
+        body_text = b'"' + binascii.b2a_base64(body, newline=False) + b'"'
+        filled = (body_text, *values, b'"' + _uuid4_text().encode() + b'"')
         if self._order is not None:
             filled = tuple(filled[index] for index in self._order)
         return self._format % filled

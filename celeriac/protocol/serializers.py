@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import pickle
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -92,9 +92,18 @@ def json_dumps(obj: Any) -> bytes:
     return orjson.dumps(_tag_uuids(obj), default=_json_default, option=_ORJSON_OPTIONS)
 
 
-def json_dumps_task_body(args: Any, kwargs: Any, embed: Any) -> bytes:
+def json_dumps_task_body(args: Sequence[Any], kwargs: Mapping[str, Any], embed: Mapping[str, Any]) -> bytes:
     """Encode a task body `[args, kwargs, embed]` as `json_dumps` would, without building the list."""
-    body = (_tag_uuids(args), _tag_uuids(kwargs), _tag_uuids(embed))
+    if type(args) is not tuple and type(args) is not list:
+        args = list(args)
+    if type(kwargs) is not dict:
+        kwargs = dict(kwargs)
+    plain = (
+        _SCALARS.issuperset(map(type, args))
+        and _SCALARS.issuperset(map(type, kwargs.values()))
+        and _SCALARS.issuperset(map(type, embed.values()))
+    )
+    body = (args, kwargs, embed) if plain else (_tag_uuids(args), _tag_uuids(kwargs), _tag_uuids(embed))
     return orjson.dumps(body, default=_json_default, option=_ORJSON_OPTIONS)
 
 

@@ -562,13 +562,14 @@ def test_composed_messages_are_byte_for_byte_the_general_layout(
         call = sending.Call(name=name, task_id="0f0e-id", **options)
         serializer = serializers.by_name(call.serializer or "json")
         queue = call.queue or app.router.queue_for(call.name, call.args, call.kwargs)
-        # When it is packed by the general path and twice by the composer (the second from its template)
+        # When it is packed by the general path, and twice by the composer (the second time from its
+        # template, with the settings read once for a batch)
         message, eta = sending.build_message(call, app.conf, app.oid)
         general = sending.outgoing(message, queue=queue, serializer=serializer, eta=eta)
         composer = sending.Composer()
         first, second = (
-            composer.compose(call, conf=app.conf, reply_to=app.oid, serializer=serializer, queue=queue)
-            for _ in range(2)
+            composer.compose(call, conf=conf, reply_to=app.oid, serializer=serializer, queue=queue)
+            for conf in (app.conf, sending.send_settings(app.conf))
         )
         # Then all three are the same bytes, apart from the delivery tag, in the same place
         for composed in (first, second):
