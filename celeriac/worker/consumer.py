@@ -124,34 +124,16 @@ class Consumer:
 
     def _job(self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]) -> Job:
         self._next_key += 1
-        hard, soft = message.timelimit
-        conf = self.app.conf
-        return Job(
-            key=self._next_key,
-            message=message,
-            delivery=delivery,
-            delivery_info={
-                "exchange": "",
-                "routing_key": delivery.queue,
-                "priority": message.priority,
-                "redelivered": delivery.redelivered,
-            },
-            hostname=self.settings.hostname,
-            soft_limit=_first(soft, task.soft_time_limit, conf.task_soft_time_limit),
-            hard_limit=_first(hard, task.time_limit, conf.task_time_limit),
-            acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
-            ack_failures=bool(
-                conf.task_acks_on_failure_or_timeout
-                if task.acks_on_failure_or_timeout is None
-                else task.acks_on_failure_or_timeout
-            ),
-        )
+        return make_job(self.app, self._next_key, delivery, message, task, self.settings.hostname)
 
     # running ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         while self.reserved and self.pool.free_slots() > 0:
-            job = self.reserved.popleft()
+            try:
+                job = self.reserved.popleft()
+            except IndexError:  # given back meanwhile by a prefork child's give-back thread
+                break
             message = job.message
             if is_expired(message):
                 logger.info("Task %s[%s] expired: revoked", message.name, message.id)
@@ -177,11 +159,19 @@ class Consumer:
     # stopping --------------------------------------------------------------------------
 
     def release_reserved(self) -> int:
-        """Give prefetched, unstarted messages back to the queue; return how many."""
-        deliveries = [job.delivery for job in self.reserved]
-        self.reserved.clear()
+        """Give prefetched, unstarted messages back to the queue unchanged; return how many.
+
+        They never ran, so they are not marked redelivered and do not count toward
+        `worker_max_deliveries`.
+        """
+        deliveries = []
+        while True:  # popped one by one: a prefork child's give-back thread may race its main thread
+            try:
+                deliveries.append(self.reserved.popleft().delivery)
+            except IndexError:
+                break
         if deliveries:
-            self.broker.release(deliveries)
+            self.broker.release(deliveries, redelivered=False)
         return len(deliveries)
 
     def release_active(self) -> None:
@@ -193,6 +183,34 @@ class Consumer:
         self.active.clear()
         if deliveries:
             self.broker.release(deliveries)
+
+
+def make_job(
+    app: Celery, key: int, delivery: Delivery, message: TaskMessage, task: Task[Any, Any], hostname: str
+) -> Job:
+    """The job that runs `message`'s task, with its limits and ack policy settled."""
+    hard, soft = message.timelimit
+    conf = app.conf
+    return Job(
+        key=key,
+        message=message,
+        delivery=delivery,
+        delivery_info={
+            "exchange": "",
+            "routing_key": delivery.queue,
+            "priority": message.priority,
+            "redelivered": delivery.redelivered,
+        },
+        hostname=hostname,
+        soft_limit=_first(soft, task.soft_time_limit, conf.task_soft_time_limit),
+        hard_limit=_first(hard, task.time_limit, conf.task_time_limit),
+        acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
+        ack_failures=bool(
+            conf.task_acks_on_failure_or_timeout
+            if task.acks_on_failure_or_timeout is None
+            else task.acks_on_failure_or_timeout
+        ),
+    )
 
 
 def _first(*values: float | None) -> float | None:

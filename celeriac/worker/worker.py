@@ -13,20 +13,22 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from celeriac.exceptions import ImproperlyConfigured, OperationalError
+from celeriac.exceptions import ImproperlyConfigured
 from celeriac.worker import banner
 from celeriac.worker.consumer import Consumer, Settings
 from celeriac.worker.pools import create_pool
+from celeriac.worker.pools.prefork import PreforkPool
+from celeriac.worker.serving import Guard, serve
 
 if TYPE_CHECKING:
     from celeriac.app import Celery
 
 logger = logging.getLogger("celeriac.worker")
-T = TypeVar("T")
 CLEANUP_EVERY = 60.0
 MAX_PREFETCH = 10_000
 
@@ -82,86 +84,79 @@ class Worker:
         limit = self.concurrency * int(multiplier) if multiplier else MAX_PREFETCH
         self.prefetch_limit = max(1, min(limit, MAX_PREFETCH))
         self._warm = threading.Event()
-        self._cold = False
         self._cold_event = threading.Event()
-        self._outages = 0
         self._stopped = threading.Event()
-        self._consumer: Consumer | None = None
+        self._prefork: PreforkPool | None = None
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat, name="celeriac-heartbeat", daemon=True
+        )
 
     # running ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Start, serve until asked to stop, and shut down cleanly."""
         self.app.import_includes()
-        pool = create_pool(self.pool_kind, self.app, self.concurrency)
-        pool.start()  # fork before any thread exists
-        broker = self.app.broker
         settings = Settings(
             hostname=self.hostname,
             queues=self.queues,
             prefetch_limit=self.prefetch_limit,
             max_deliveries=int(self.app.conf.worker_max_deliveries),
         )
-        consumer = self._consumer = Consumer(self.app, broker, pool, settings)
+        if self.pool_kind == "prefork":
+            self._run_supervisor(settings)
+        else:
+            self._run_consumer(settings)
+
+    def _run_consumer(self, settings: Settings) -> None:
+        pool = create_pool(self.pool_kind, self.app, self.concurrency)
+        pool.start()
+        consumer = Consumer(self.app, self.app.broker, pool, settings)
+        self._started()
+        try:
+            serve(consumer, Guard(self.app.broker_url, self._warm, self._cold_event))
+        except ColdShutdown:
+            self._cold_event.set()
+        finally:
+            if self._cold_event.is_set():
+                pool.stop(cold=True)
+                consumer.release_reserved()
+                consumer.release_active()
+            else:
+                pool.stop(cold=False)
+            self._stopped_all()
+
+    def _run_supervisor(self, settings: Settings) -> None:
+        per_child = replace(settings, prefetch_limit=max(1, self.prefetch_limit // self.concurrency))
+        pool = self._prefork = PreforkPool(self.app, self.concurrency, per_child)
+        pool.start()  # fork before any thread exists
+        self._started()
+        try:
+            pool.supervise(self._warm)
+        finally:
+            if self._cold_event.is_set():
+                pool.kill()
+            else:
+                pool.stop(self._cold_event)
+            self._stopped_all()
+
+    def _started(self) -> None:
         self._install_signals()
         sys.stdout.write(self.banner())
         sys.stdout.flush()
-        heartbeat = threading.Thread(target=self._heartbeat, name="celeriac-heartbeat", daemon=True)
-        heartbeat.start()
+        try:
+            self._beat()  # the leases exist from "ready" on; an unreachable broker is retried later
+        except Exception as exc:
+            logger.error("First heartbeat failed (will try again): %s", exc)
+        self._heartbeat_thread.start()
         logger.info("Connected to %s", banner.mask_url(self.app.broker_url))
         logger.info("%s ready.", self.hostname)
-        try:
-            self._serve(consumer)
-        except ColdShutdown:
-            self._cold = True
-        finally:
-            self._shutdown(consumer)
-            self._stopped.set()
-            heartbeat.join(timeout=5)
 
-    def _serve(self, consumer: Consumer) -> None:
-        while not self._warm.is_set():
-            self._guarded(consumer.step)
-        released = self._guarded(consumer.release_reserved)
-        if released:
-            logger.info("Returned %d prefetched message(s) to the queue", released)
-        while consumer.active and not self._cold:
-            self._guarded(lambda: consumer.step(fetching=False))
-
-    def _guarded(self, action: Callable[[], T]) -> T | None:
-        """Run `action`; if the broker is unreachable, log it, back off, and return None.
-
-        The caller's loop tries again; messages this worker could not give back return
-        to their queues when its leases lapse.
-        """
-        try:
-            result = action()
-        except OperationalError as exc:
-            self._outages += 1
-            pause = min(0.5 * 2 ** (self._outages - 1), 8.0)
-            logger.error(
-                "consumer: Cannot reach the broker at %s: %s. Trying again in %.1f seconds... (%d)",
-                banner.mask_url(self.app.broker_url),
-                exc,
-                pause,
-                self._outages,
-            )
-            (self._cold_event if self._warm.is_set() else self._warm).wait(pause)
-            return None
-        if self._outages:
-            logger.info("consumer: Connected to %s again", banner.mask_url(self.app.broker_url))
-            self._outages = 0
-        return result
-
-    def _shutdown(self, consumer: Consumer) -> None:
-        if self._cold:
-            consumer.pool.stop(cold=True)
-            consumer.release_reserved()
-            consumer.release_active()
-        else:
-            consumer.pool.stop(cold=False)
+    def _stopped_all(self) -> None:
         self.app.close()
         logger.info("%s stopped.", self.hostname)
+        self._stopped.set()
+        if self._heartbeat_thread.is_alive():
+            self._heartbeat_thread.join(timeout=5)
 
     def banner(self) -> str:
         """The startup banner text."""
@@ -184,20 +179,24 @@ class Worker:
     # background duties -----------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        broker = self.app.broker
-        every = max(0.05, broker.lease_timeout / 3)
+        every = max(0.05, self.app.broker.lease_timeout / 3)
         since_cleanup = 0.0
         while not self._stopped.wait(every):
             try:
-                recovered = broker.heartbeat()
-                if recovered:
-                    logger.warning("Returned %d message(s) of a lost worker to their queues", recovered)
+                self._beat()
                 since_cleanup += every
                 if since_cleanup >= CLEANUP_EVERY:
                     since_cleanup = 0.0
                     self._cleanup_results()
             except Exception:
                 logger.exception("heartbeat failed; will try again")
+
+    def _beat(self) -> None:
+        """Renew this worker's leases (a prefork parent's and its children's); return lost ones' messages."""
+        also = self._prefork.consumer_ids() if self._prefork is not None else ()
+        recovered = self.app.broker.heartbeat(also=also)
+        if recovered:
+            logger.warning("Returned %d message(s) of a lost worker to their queues", recovered)
 
     def _cleanup_results(self) -> None:
         backend = self.app.backend
@@ -217,11 +216,12 @@ class Worker:
             return
         # Set before logging: a second signal handled while the warning is written must be cold.
         self._warm.set()
+        if self._prefork is not None:
+            self._prefork.ask_to_stop()  # at once: a child must not start another task meanwhile
         logger.warning("worker: Warm shutdown (MainProcess)")
 
     def _on_cold_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.warning("worker: Cold shutdown (MainProcess)")
-        self._cold = True
         self._cold_event.set()
         self._warm.set()
         if self.pool_kind == "solo":

@@ -289,9 +289,10 @@ def test_a_task_longer_than_several_leases_is_never_delivered_twice_while_its_wo
 def test_a_prefetched_message_of_a_killed_worker_is_run_by_another_worker(
     on_redis: Callable[..., Project], raw: redis.Redis
 ) -> None:
-    # Given a one-slot worker running an early-acked task that blocks, with a second message prefetched
+    # Given a one-thread worker running an early-acked task that blocks, with a second message
+    # prefetched (a prefork child gives such messages back once its task runs long)
     project = on_redis()
-    first = project.worker(concurrency=1)
+    first = project.worker(pool="threads", concurrency=1)
     started = project.module.early.delay("started")
     wait_until(lambda: runs(project) == ["started"], 20, "the first task to start")
     prefetched = project.module.quick.delay("prefetched")
@@ -302,7 +303,7 @@ def test_a_prefetched_message_of_a_killed_worker_is_run_by_another_worker(
     # When the worker is SIGKILLed and another worker starts
     first.kill()
     project.release()
-    second = project.worker(concurrency=1)
+    second = project.worker(pool="threads", concurrency=1)
 
     # Then the prefetched message comes back and runs on the second worker
     assert prefetched.get(timeout=30) == "done prefetched"
@@ -415,37 +416,36 @@ def test_an_unknown_task_and_a_non_json_payload_are_dead_lettered_and_the_worker
 def test_a_warm_shutdown_returns_prefetched_messages_and_nothing_runs_twice(
     on_redis: Callable[..., Project], raw: redis.Redis
 ) -> None:
-    # Given twelve gated tasks and a two-slot prefork worker that prefetches eight: two running,
-    # two more queued in the children's pipes (prefork feeds each child two jobs), four held back
+    # Given twelve gated tasks and a two-child prefork worker where each child prefetches four:
+    # two tasks running, and the six messages held behind them given back for idle workers
     project = on_redis()
     results = [project.module.gated.delay(index) for index in range(12)]
     first = project.worker("--prefetch-multiplier", "4", concurrency=2)
     wait_until(lambda: len(runs(project)) == 2, 20, "two tasks to start")
-    wait_until(lambda: first.count("received") == 8, 20, "the worker to prefetch eight")
-    assert queued(raw) == 4
+    wait_until(lambda: first.count("received") == 8, 20, "the children to prefetch eight")
+    held_back = "Returned 3 prefetched message(s) to the queue while a long task runs"
+    wait_until(lambda: first.count(held_back) == 2, 20, "both children to give back what they hold")
+    assert queued(raw) == 10
+    assert in_flight(raw) == 0  # the running tasks were acked before they started
 
     # When the worker is asked to stop (SIGTERM)
     first.signal(signal.SIGTERM)
     first.wait_for("worker: Warm shutdown (MainProcess)")
+    assert first.proc.poll() is None  # it waits for its running tasks
 
-    # Then it gives the four held-back messages to the list at once, while its tasks still run
-    first.wait_for("Returned 4 prefetched message(s) to the queue")
-    assert queued(raw) == 8
-    assert first.proc.poll() is None
-
-    # And once the running tasks may finish it exits cleanly, having run only what it had started
-    # or handed to its children
+    # Then once the running tasks may finish it exits cleanly, having run only what it had started
     project.release("go")
     assert exits_within(first, 30) == 0
-    assert first.count("succeeded") == 4
+    assert first.count("succeeded") == 2
+    assert first.count("received") == 8
     assert in_flight(raw) == 0
-    assert queued(raw) == 8
+    assert queued(raw) == 10
 
     # And a second worker finishes the rest: every task succeeded, each exactly once
     second = project.worker("--prefetch-multiplier", "4", concurrency=2)
     assert [result.get(timeout=30) for result in results] == list(range(12))
-    wait_until(lambda: second.count("succeeded") >= 8, 20, "the second worker to log its successes")
-    assert second.count("succeeded") == 8
+    wait_until(lambda: second.count("succeeded") >= 10, 20, "the second worker to log its successes")
+    assert second.count("succeeded") == 10
     counts = Counter(int(line) for line in runs(project))
     assert sorted(counts) == list(range(12))
     assert set(counts.values()) == {1}

@@ -1,4 +1,9 @@
-"""Executors that run jobs: prefork (child processes), threads, and solo (inline)."""
+"""Executors that run jobs: prefork (child processes), threads, and solo (inline).
+
+The threads and solo pools run jobs the worker's consumer hands them. The prefork pool
+(`celeriac.worker.pools.prefork`) is different: each child is a consumer of its own and
+the worker's main process only supervises, so `create_pool` does not make it.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ POOL_NAMES = ("prefork", "threads", "solo")
 
 
 def create_pool(kind: str, app: Celery, concurrency: int) -> Pool:
-    """Make the pool called `kind` with `concurrency` slots."""
+    """Make the in-process pool called `kind` (threads or solo) with `concurrency` slots."""
     if kind == "solo":
         from celeriac.worker.pools.solo import SoloPool
 
@@ -23,10 +28,6 @@ def create_pool(kind: str, app: Celery, concurrency: int) -> Pool:
         from celeriac.worker.pools.threads import ThreadPool
 
         return ThreadPool(app, concurrency)
-    if kind == "prefork":
-        from celeriac.worker.pools.prefork import PreforkPool
-
-        return PreforkPool(app, concurrency)
     raise ImproperlyConfigured(f"unknown pool {kind!r}; choose one of {', '.join(POOL_NAMES)}")
 
 

@@ -1,0 +1,97 @@
+"""What a prefork child is running, in memory its parent can read without asking.
+
+Each child writes the message it starts into its own shared page and clears it when the
+task ends. The parent reads it only to enforce hard time limits and, when a child dies, to
+learn which task died with it; nothing crosses a pipe per task.
+
+Layout: a header ``<q d d i i i q`` (sequence, start time, hard limit, and the lengths of the
+tag, the queue name and the payload, then the delivery's attempt count), followed by those
+three byte strings. The sequence is odd while the child writes, so a reader never takes a
+torn record (a seqlock); it is even and non-zero while a task runs, zero when idle.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from dataclasses import dataclass
+
+from celeriac.brokers.base import Delivery
+
+_HEADER = struct.Struct("<qddiiiq")
+CAPACITY = 1 << 20  # a payload that does not fit is not recorded; the parent then cannot settle it
+_TRIES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """The task a child was running: its leased message, when it began and its hard limit."""
+
+    delivery: Delivery | None  # None when the payload was too large to record
+    started: float  # time.monotonic() of the child, which is the same clock as the parent's
+    hard_limit: float | None
+
+
+class RunningSlot:
+    """One child's record of the task it is running; written by the child, read by the parent."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, CAPACITY)  # anonymous and shared: a forked child writes the same pages
+        self._seq = 0
+
+    def begin(self, delivery: Delivery, hard_limit: float | None) -> None:
+        """Record that `delivery`'s task starts now (in the child)."""
+        tag, queue, payload = delivery.tag.encode(), delivery.queue.encode(), delivery.payload
+        if _HEADER.size + len(tag) + len(queue) + len(payload) > CAPACITY:
+            payload = b""
+            lengths = (len(tag), len(queue), -1)
+        else:
+            lengths = (len(tag), len(queue), len(payload))
+        self._write_seq(self._seq + 1)
+        _HEADER.pack_into(
+            self._map, 0, self._seq, time.monotonic(), hard_limit or 0.0, *lengths, delivery.attempts
+        )
+        at = _HEADER.size
+        for chunk in (tag, queue, payload):
+            self._map[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        self._write_seq(self._seq + 1)
+
+    def end(self) -> None:
+        """Record that the task ended (in the child)."""
+        self._write_seq(self._seq + 1)
+        self._write_seq(0)
+
+    def _write_seq(self, seq: int) -> None:
+        self._seq = seq
+        struct.pack_into("<q", self._map, 0, seq)
+
+    def deadline(self) -> float | None:
+        """The monotonic time at which the running task passes its hard limit, if any (in the parent)."""
+        for _ in range(_TRIES):
+            seq, started, hard, *_ = _HEADER.unpack_from(self._map, 0)
+            if seq == 0:
+                return None
+            if seq % 2 == 0 and _HEADER.unpack_from(self._map, 0)[0] == seq:
+                return started + hard if hard > 0 else None
+        return None
+
+    def read(self) -> Running | None:
+        """The running task's record, or None if the child was idle (in the parent, child stopped)."""
+        seq, started, hard, tag_len, queue_len, payload_len, attempts = _HEADER.unpack_from(self._map, 0)
+        if seq == 0 or seq % 2 == 1:  # idle, or the child died mid-write
+            return None
+        at = _HEADER.size
+        tag = self._map[at : at + tag_len].decode()
+        at += tag_len
+        queue = self._map[at : at + queue_len].decode()
+        at += queue_len
+        delivery = None
+        if payload_len >= 0:
+            delivery = Delivery(tag, queue, bytes(self._map[at : at + payload_len]), attempts)
+        return Running(delivery, started, hard if hard > 0 else None)
+
+    def close(self) -> None:
+        """Unmap the page."""
+        self._map.close()
