@@ -19,6 +19,7 @@ memory and AMQP a higher number is more urgent; on Redis 0 is the most urgent.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -27,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TIMEOUT = 20.0  # with heartbeats every third of it, a dead worker's messages return within 27 s
 MAX_PRIORITY = 9
@@ -153,9 +156,20 @@ class Broker(ABC):
         it was fetched, its attempts unchanged: for prefetched messages that never started.
         """
 
-    @abstractmethod
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a leased message to the dead-letter store with `reason`."""
+        """Move a leased message to the dead-letter store with `reason`.
+
+        A message no longer leased (acked, released, or returned after its consumer's lease
+        lapsed) is left where it is, with a warning.
+        """
+        if not self._dead_letter(delivery, reason):
+            logger.warning(
+                "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
+            )
+
+    @abstractmethod
+    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Move a leased message to the dead-letter store; return False if it is no longer leased."""
 
     @abstractmethod
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:

@@ -13,7 +13,6 @@ unless that heartbeat renews it (`also`). `reclaim()` returns a consumer's messa
 from __future__ import annotations
 
 import heapq
-import logging
 import threading
 import time
 import weakref
@@ -23,8 +22,6 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, clamp_priority
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -208,8 +205,8 @@ class MemoryBroker(Broker):
                     self._store.enqueue(message)
             self._store.changed.notify_all()
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a leased message to the dead letters.
+    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Move a leased message to the dead letters; False if it is no longer leased.
 
         Args:
             delivery: The message to set aside.
@@ -218,14 +215,10 @@ class MemoryBroker(Broker):
         with self._store.changed:
             message = self._store.leased(delivery.tag)
             if message is None:
-                logger.warning(
-                    "Not dead-lettering message %s of %r: it is no longer leased",
-                    delivery.tag,
-                    delivery.queue,
-                )
-                return
+                return False
             del self._store.messages[message.id]
             self._store.dead_letters.append(DeadLetter(message.queue, message.payload, reason, time.time()))
+        return True
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Return dead letters, oldest first.

@@ -1,26 +1,6 @@
 """A broker on Redis that speaks kombu's wire format, with leases instead of visibility timeouts.
 
-Key layout (``Q`` is a queue name; ``\\x06\\x16`` is kombu's separator)::
-
-    Q, Q\\x06\\x163, Q\\x06\\x166, Q\\x06\\x169
-        LISTs: kombu's queue Q, one list per priority step (0-2, 3-5, 6-8, 9; on Redis 0 is
-        the most urgent). Publishing LPUSHes the packed envelope; consumers take from the
-        right, the lists in that order, every queue's first list before any queue's second.
-    _kombu.binding.Q
-        SET with the member ``Q\\x06\\x16\\x06\\x16Q``: kombu's binding of queue Q to the
-        exchange Q, added on first use so Celery clients and ``inspect`` see the queue.
-    celeriac.inflight.<consumer id>
-        LIST of the exact payloads leased to one consumer (newest left). A fetch moves
-        payloads from queue lists into it atomically (Lua, or BLMOVE while waiting).
-    celeriac.consumers
-        ZSET consumer id -> unix time (Redis server clock) its lease ends. A fetch or a
-        heartbeat renews it; any heartbeat returns the in-flight payloads of lapsed consumers.
-    celeriac.delayed.Q
-        ZSET payload -> eta, one per queue: messages released with an eta. Fetches from Q
-        move the due ones to the back of their list. Per queue, so size() and scheduled()
-        are one ZCARD / ZCOUNT and a fetch only looks at its own queues.
-    celeriac.dead
-        LIST of dead-letter records, JSON ``{queue, payload, reason, when}`` (newest left).
+The keys, the tag format and the scripts are described in `redis_layout`.
 
 Why our own in-flight keys and not kombu's ``unacked`` hash: a Celery worker sharing the
 Redis restores every ``unacked`` entry older than its visibility timeout, which would
@@ -39,21 +19,12 @@ count plus one. Parking with an eta is not a redelivery and leaves the payload a
 Payloads that are not kombu envelopes travel fine but cannot carry a count, and if their
 consumer dies they become dead letters (their queue is unknown).
 
-A `Delivery.tag` is ``<consumer id>|<step>|<n>``: the in-flight list and the list the
-payload came from, so ack, release and dead_letter work from any process, such as a
-forked pool child with a consumer id of its own. Each process has two redis-py clients:
-one with redis-py's retries, and one without for fetching, because a fetch replayed after a
-lost reply would strand the first attempt's messages in a live consumer's in-flight list.
-
-A fetch whose reply is lost (Redis stalled past `socket_timeout`) may still have moved
-messages into the consumer's in-flight list, where the consumer's own live lease would keep
-them forever. So each broker object counts the payloads its fetches handed out and that it
-has not yet seen settled (a multiset; acks, releases and dead letters through the object
-take them off). Before the next fetch, it reads its in-flight list and gives back, unchanged,
-every payload it cannot account for: nobody ever received those. It keeps its consumer id,
-so its running and prefetched messages stay leased. Payloads settled by another process
-(a forked child acking) leave stale counts behind; these are dropped whenever the count
-grows large, by the same reading of the list.
+Ack, release and dead_letter work from any process (a forked pool child with a consumer id
+of its own): the tag names the in-flight list. Each process has two redis-py clients: one
+with redis-py's retries, and one without for fetching, because a fetch replayed after a lost
+reply would strand the first attempt's messages in a live consumer's in-flight list. A
+fetch whose reply is lost may still have leased messages; the consumer keeps its id, and
+its next fetch gives back what it never received (see `redis_ledger`).
 
 Not supported: Redis Cluster (a queue's four lists and our keys cannot share one hash
 slot, and the scripts build key names); kombu's ``global_keyprefix``, ``sep`` and
@@ -65,51 +36,47 @@ Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
 
 from __future__ import annotations
 
-import collections
-import functools
 import itertools
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any, ClassVar, cast
 
-import orjson
 import redis
 from redis.client import Pipeline
-from redis.commands.core import Script
 
-from celeriac.brokers.base import (
-    Broker,
-    DeadLetter,
-    Delivery,
-    Outgoing,
-    clamp_priority,
-    make_consumer_id,
+from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, make_consumer_id
+from celeriac.brokers.redis_layout import (
+    CONSUMERS_KEY,
+    DEAD_KEY,
+    DELAYED_PREFIX,
+    INFLIGHT_PREFIX,
+    STEP_SUFFIXES,
+    Arg,
+    Scripts,
+    attempts,
+    binding,
+    dead_record,
+    inflight_of,
+    parse_tag,
+    queue_lists,
+    read_dead_record,
+    refuse_other_layouts,
+    step_of,
+    tag_prefix,
 )
-from celeriac.exceptions import BrokerError, ImproperlyConfigured, OperationalError
+from celeriac.brokers.redis_ledger import Ledger
+from celeriac.exceptions import BrokerError, OperationalError
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
 from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
 
 logger = logging.getLogger(__name__)
 
-SEP = "\x06\x16"
-STEP_SUFFIXES = ("", SEP + "3", SEP + "6", SEP + "9")
-_STEP_OF_PRIORITY = (0, 0, 0, 1, 1, 1, 2, 2, 2, 3)
-CONSUMERS_KEY = "celeriac.consumers"
-INFLIGHT_PREFIX = "celeriac.inflight."
-DELAYED_PREFIX = "celeriac.delayed."
-DEAD_KEY = "celeriac.dead"
-REDELIVERIES_HEADER = "x-celeriac-redeliveries"
-_REDELIVERIES_MARK = b'"' + REDELIVERIES_HEADER.encode() + b'"'
-
 WAIT_SLICE = 0.1  # longest BLMOVE; after each one a fetch also looks at the other lists and delayed sets
 MOVE_DUE_PER_FETCH = 100  # due delayed messages moved per queue and fetch
 LAPSED_PER_HEARTBEAT = 100  # lapsed consumers handled per heartbeat
-RECONCILE_FLOOR = 1000  # distinct payloads counted as handed out before the list is read to prune
 RECONCILE_CHUNK = 1000  # payloads per reconcile script call
 PUSH_CHUNK = 1000  # payloads per LPUSH
 DEAD_LETTER_CHUNK = 500
@@ -133,59 +100,6 @@ _ROLE = Role(
     unreachable=OperationalError,
     failed=BrokerError,
 )
-_Arg = bytes | str | int | float  # a script argument
-
-
-def queue_lists(queue: str) -> tuple[str, str, str, str]:
-    """Return the keys of a queue's four lists, most urgent step first."""
-    return (queue, queue + STEP_SUFFIXES[1], queue + STEP_SUFFIXES[2], queue + STEP_SUFFIXES[3])
-
-
-def binding(queue: str) -> tuple[str, str]:
-    """Return kombu's binding SET key for `queue` and the member that binds it."""
-    return f"_kombu.binding.{queue}", f"{queue}{SEP}{SEP}{queue}"
-
-
-def step_of(priority: int) -> int:
-    """Return which of a queue's lists (0-3) holds messages of `priority`, as kombu maps it."""
-    return _STEP_OF_PRIORITY[clamp_priority(priority)]
-
-
-_SCRIPT_HELPERS = {  # each script and the helper files put in front of it, in order
-    "fetch": ("envelope",),
-    "release": ("envelope",),
-    "recover": ("envelope", "inflight"),
-    "reclaim": ("envelope", "inflight"),
-    "reconcile": ("envelope", "inflight"),
-    "dead_letter": (),
-    "purge": (),
-}
-
-
-@functools.cache
-def _script_sources() -> dict[str, str]:
-    """The Lua scripts by name, each preceded by the helpers it uses."""
-    folder = resources.files("celeriac.brokers") / "lua"
-    sources = {}
-    for name, helpers in _SCRIPT_HELPERS.items():
-        parts = [(folder / f"{part}.lua").read_text(encoding="utf-8") for part in (*helpers, name)]
-        sources[name] = "\n".join(parts)
-    return sources
-
-
-@dataclass(frozen=True, slots=True)
-class _Scripts:
-    fetch: Script
-    release: Script
-    recover: Script
-    reclaim: Script
-    reconcile: Script
-    dead_letter: Script
-    purge: Script
-
-    @classmethod
-    def register(cls, client: redis.Redis) -> _Scripts:
-        return cls(**{name: client.register_script(source) for name, source in _script_sources().items()})
 
 
 class RedisBroker(Broker):
@@ -210,13 +124,13 @@ class RedisBroker(Broker):
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
-        _refuse_other_layouts(self.options)
+        refuse_other_layouts(self.options)
         self._endpoint = endpoint(url, self.options, _ROLE)
         self._translated = Translated(_ROLE, self._endpoint.redacted)
         self.lease_grace = float(self.options.get("lease_grace", max(60.0, 10 * self.lease_timeout)))
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._main: tuple[redis.Redis, _Scripts] | None = None
+        self._main: tuple[redis.Redis, Scripts] | None = None
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
@@ -225,28 +139,14 @@ class RedisBroker(Broker):
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
         self._wait_turn = itertools.count()  # and which queue's first list BLMOVE waits on
-        self._reset_books()
-
-    def _reset_books(self) -> None:
-        # Guards what follows. A reconcile needs every fetch of this object out of the way:
-        # a fetch's payloads are in the in-flight list before they are counted.
-        self._books = threading.Condition(threading.Lock())
-        self._fetching = 0
-        self._reconciling = False
-        self._consumer_changed()
 
     def _consumer_changed(self) -> None:
-        # What this object was handed out under the old id is that id's affair.
-        self._handed: collections.Counter[bytes] = collections.Counter()
-        self._own_tags = self.consumer_id + "|"
-        self._unsure = False  # a fetch failed and no reconcile has succeeded since
-        self._recheck_until = 0.0  # and until this time.monotonic(), reconcile now and then
-        self._next_recheck = 0.0
-        self._prune_at = RECONCILE_FLOOR
+        # What this object handed out under the old id is that id's affair.
+        self._ledger = Ledger(self.consumer_id, self.lease_timeout)
 
     # connections -----------------------------------------------------------------------
 
-    def _link(self) -> tuple[redis.Redis, _Scripts]:
+    def _link(self) -> tuple[redis.Redis, Scripts]:
         if self._pid != os.getpid():
             self._forget_parent()
         link = self._main
@@ -255,13 +155,13 @@ class RedisBroker(Broker):
                 link = self._main
                 if link is None:
                     client = self._connect(retry=True)
-                    link = self._main = (client, _Scripts.register(client))
+                    link = self._main = (client, Scripts.register(client))
         return link
 
     def _client(self) -> redis.Redis:
         return self._link()[0]
 
-    def _script(self) -> _Scripts:
+    def _script(self) -> Scripts:
         return self._link()[1]
 
     def _fetch_client(self) -> redis.Redis:
@@ -289,7 +189,7 @@ class RedisBroker(Broker):
         self._opened = []
         self._held = threading.local()
         self._take_own_consumer_id()
-        self._reset_books()
+        self._consumer_changed()  # the parent's ledger (and its lock) are the parent's
 
     def close(self) -> None:
         """Close this process's connections; the next call opens new ones. Leases stay."""
@@ -340,7 +240,7 @@ class RedisBroker(Broker):
             pipe.execute()
         self._declared |= fresh
 
-    def _send(self, *args: _Arg) -> Any:
+    def _send(self, *args: Arg) -> Any:
         """Run one command on a pooled connection, without redis-py's per-command machinery.
 
         redis-py's retries, events and metrics cost about as much as the round trip itself,
@@ -397,31 +297,28 @@ class RedisBroker(Broker):
             self._forget_parent()
         names = tuple(dict.fromkeys(queues))
         self._declare(names)
-        self._enter_fetch()
+        ledger = self._ledger
+        ledger.enter_fetch(self._reconcile)
+        found: list[Delivery] = []
         try:
             deadline = time.monotonic() + max(timeout, 0.0)
             with self._translated:
                 found = self._take(names, limit)
                 while not found and (remaining := deadline - time.monotonic()) > 0:
                     found = self._wait(names, limit, remaining)
-            if found:
-                with self._books:  # counted before the fetch ends, so no reconcile misses them
-                    self._handed.update(delivery.payload for delivery in found)
             return found
         except BaseException:
-            # The server may have leased messages whose reply never arrived.
-            self._doubt()
+            ledger.fetch_failed()  # the server may have leased messages whose reply never came
             raise
         finally:
-            with self._books:
-                self._fetching -= 1
+            ledger.leave_fetch(found)
 
     def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
         start = next(self._turn) % len(names)
         order = names[start:] + names[:start]
         consumer_id = self.consumer_id
         keys = [CONSUMERS_KEY, INFLIGHT_PREFIX + consumer_id, *self._queue_keys(order)]
-        args: list[_Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
+        args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
         reply = self._script().fetch(keys, args, client=self._fetch_client())
         return self._deliveries(consumer_id, order, reply)
 
@@ -433,7 +330,7 @@ class RedisBroker(Broker):
         landed = _command(
             self._fetch_client(), "BLMOVE", queue, INFLIGHT_PREFIX + consumer_id, "RIGHT", "LEFT", pause
         )
-        found = [] if landed is None else [self._delivery(f"{consumer_id}|0|", queue, bytes(landed))]
+        found = [] if landed is None else [self._delivery(tag_prefix(consumer_id, 0), queue, bytes(landed))]
         if len(found) < limit:
             found += self._take(names, limit - len(found))
         return found
@@ -450,7 +347,7 @@ class RedisBroker(Broker):
         at = 0
         while at < len(reply):
             queue, step, count = order[reply[at]], reply[at + 1], reply[at + 2]
-            prefix = f"{consumer_id}|{step}|"
+            prefix = tag_prefix(consumer_id, step)
             found.extend(self._delivery(prefix, queue, payload) for payload in reply[at + 3 : at + 3 + count])
             at += 3 + count
         return found
@@ -458,8 +355,7 @@ class RedisBroker(Broker):
     def _delivery(self, prefix: str, queue: str, payload: bytes) -> Delivery:
         # The tag names the in-flight list and the step the payload came from, so any
         # process (a forked child with another consumer id) can ack or release it.
-        attempts = _attempts(payload) if _REDELIVERIES_MARK in payload else 1
-        return Delivery(f"{prefix}{next(self._tags)}", queue, payload, attempts)
+        return Delivery(f"{prefix}{next(self._tags)}", queue, payload, attempts(payload))
 
     def _declare(self, names: Sequence[str]) -> None:
         fresh = set(names) - self._declared
@@ -472,61 +368,20 @@ class RedisBroker(Broker):
 
     # reconciling the in-flight list ----------------------------------------------------
 
-    def _doubt(self) -> None:
-        """Have the next fetch check the in-flight list for messages nobody received.
-
-        Until a check succeeds, every fetch starts with one; then fetches check again a few
-        times over one lease, for a lost fetch that a stalled server ran late.
-        """
-        with self._books:
-            self._unsure = True
-            self._recheck_until = time.monotonic() + self.lease_timeout
-
-    def _enter_fetch(self) -> None:
-        """Count a fetch as running, first reconciling if one is due and no other fetch runs."""
-        books = self._books
-        while True:
-            with books:
-                while self._reconciling:
-                    books.wait()
-                if self._fetching > 0 or not self._reconcile_due():
-                    self._fetching += 1
-                    return
-                self._reconciling = True
-            try:
-                self._reconcile()
-            finally:
-                with books:
-                    self._reconciling = False
-                    books.notify_all()
-
-    def _reconcile_due(self) -> bool:
-        if self._unsure or len(self._handed) >= self._prune_at:
-            return True
-        now = time.monotonic()
-        return self._next_recheck <= now < self._recheck_until
-
     def _reconcile(self) -> None:
-        """Give back what the in-flight list holds beyond what this object handed out; prune the count.
+        """Give back what the in-flight list holds that this object never handed out.
 
-        Runs while no fetch of this object does. Acks and releases may run meanwhile: a
-        payload they settle is simply not found by the script.
+        Runs while no fetch of this object does (the ledger sees to it).
         """
-        consumer_id = self.consumer_id
-        inflight = INFLIGHT_PREFIX + consumer_id
+        ledger = self._ledger
+        inflight = INFLIGHT_PREFIX + ledger.consumer_id
         client = self._fetch_client()  # no retries: a replayed script could take a held copy
         with self._translated:
             listed = [bytes(payload) for payload in _command(client, "LRANGE", inflight, 0, -1)]
-        present = collections.Counter(listed)
-        with self._books:
-            unseen = present - self._handed
-            self._handed &= present  # settled elsewhere (a forked child's ack): forget them
-            self._prune_at = max(RECONCILE_FLOOR, 2 * len(self._handed))
+        unseen = ledger.take_stock(listed)
         if unseen:
-            self._give_back_unseen(inflight, consumer_id, _copies_in_order(listed, unseen))
-        with self._books:
-            self._unsure = False
-            self._next_recheck = time.monotonic() + self.lease_timeout / 4
+            self._give_back_unseen(inflight, ledger.consumer_id, unseen)
+        ledger.reconciled()
 
     def _give_back_unseen(self, inflight: str, consumer_id: str, payloads: list[bytes]) -> None:
         script, client = self._script().reconcile, self._fetch_client()
@@ -545,19 +400,6 @@ class RedisBroker(Broker):
                 "Dead-lettered %d messages a fetch with a lost reply had leased (not envelopes)", dead
             )
 
-    def _settled(self, deliveries: Sequence[Delivery]) -> None:
-        """Take deliveries this object handed out off its count, once acked, released or dead-lettered."""
-        own = self._own_tags
-        with self._books:
-            handed = self._handed
-            for delivery in deliveries:
-                if delivery.tag.startswith(own):
-                    left = handed[delivery.payload] - 1
-                    if left > 0:
-                        handed[delivery.payload] = left
-                    else:
-                        handed.pop(delivery.payload, None)
-
     # settling --------------------------------------------------------------------------
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -570,15 +412,15 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            self._send("LREM", _inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
+            self._send("LREM", inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
         else:
             pipe = self._client().pipeline(transaction=False)
             for delivery in deliveries:
                 # LREM by hand: redis-py types the value as str, and ours are bytes.
-                _command(pipe, "LREM", _inflight_of(delivery.tag), -1, delivery.payload)
+                _command(pipe, "LREM", inflight_of(delivery.tag), -1, delivery.payload)
             with self._translated:
                 pipe.execute()
-        self._settled(deliveries)
+        self._ledger.settled(deliveries)
 
     def release(
         self, deliveries: Sequence[Delivery], *, eta: float | None = None, redelivered: bool = True
@@ -606,24 +448,21 @@ class RedisBroker(Broker):
                 for delivery in reversed(deliveries):  # the last pushed is consumed first
                     script(*_release_call(delivery, eta, redelivered), client=pipe)
                 pipe.execute()
-        self._settled(deliveries)
+        self._ledger.settled(deliveries)
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a leased message to the dead letters atomically.
+    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Move a leased message to the dead letters atomically; False if it is no longer leased.
 
         Args:
             delivery: The message to set aside.
             reason: Why, for whoever reads `dead_letters()`.
         """
-        record = _dead_record(delivery.queue, delivery.payload, reason, time.time())
-        keys = [_inflight_of(delivery.tag), DEAD_KEY]
+        record = dead_record(delivery.queue, delivery.payload, reason, time.time())
+        keys = [inflight_of(delivery.tag), DEAD_KEY]
         with self._translated:
             moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
-        self._settled([delivery])
-        if not moved:
-            logger.warning(
-                "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
-            )
+        self._ledger.settled([delivery])
+        return bool(moved)
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Return dead letters, oldest first.
@@ -640,7 +479,7 @@ class RedisBroker(Broker):
             return found
         with self._translated:
             for raw in self._oldest_dead_first():
-                letter = _read_dead_record(raw)
+                letter = read_dead_record(raw)
                 if letter is not None and (queue is None or letter.queue == queue):
                     found.append(letter)
                     if len(found) >= limit:
@@ -668,7 +507,7 @@ class RedisBroker(Broker):
             How many messages went back (marked redelivered, consumed next).
         """
         keys = [CONSUMERS_KEY, DEAD_KEY]
-        args: list[_Arg] = [
+        args: list[Arg] = [
             self.consumer_id,
             self.lease_timeout,
             self.lease_grace,
@@ -752,7 +591,7 @@ def _stale(connection: Any) -> bool:
         return True
 
 
-def _command(client: redis.Redis | Pipeline, *args: _Arg) -> Any:
+def _command(client: redis.Redis | Pipeline, *args: Arg) -> Any:
     """Send a raw command (redis-py's signatures for BLMOVE and LREM are narrower than Redis's)."""
     execute: Any = client.execute_command
     return execute(*args)
@@ -763,72 +602,11 @@ def _declare_in(pipe: Pipeline, queues: set[str]) -> None:
         pipe.sadd(*binding(queue))
 
 
-def _parse_tag(tag: str) -> tuple[str, int] | None:
-    consumer_id, _, rest = tag.partition("|")
-    step, _, _ = rest.partition("|")
-    return (consumer_id, int(step)) if step in ("0", "1", "2", "3") else None
-
-
-def _inflight_of(tag: str) -> str:
-    return INFLIGHT_PREFIX + tag.partition("|")[0]
-
-
-def _release_call(delivery: Delivery, eta: float | None, redelivered: bool) -> tuple[list[str], list[_Arg]]:
-    parsed = _parse_tag(delivery.tag)
+def _release_call(delivery: Delivery, eta: float | None, redelivered: bool) -> tuple[list[str], list[Arg]]:
+    parsed = parse_tag(delivery.tag)
     consumer_id, step = parsed if parsed is not None else (delivery.tag, 0)
     inflight = INFLIGHT_PREFIX + consumer_id
     if eta is None:
         mode = "now" if redelivered else "same"
         return [inflight, delivery.queue + STEP_SUFFIXES[step]], [delivery.payload, mode, 0]
     return [inflight, DELAYED_PREFIX + delivery.queue], [delivery.payload, "at", repr(float(eta))]
-
-
-def _copies_in_order(listed: Sequence[bytes], wanted: collections.Counter[bytes]) -> list[bytes]:
-    """The payloads of `wanted`, one entry per copy, in the order they appear in `listed`."""
-    left = collections.Counter(wanted)
-    found = []
-    for payload in listed:
-        if left[payload] > 0:
-            left[payload] -= 1
-            found.append(payload)
-    return found
-
-
-def _attempts(payload: bytes) -> int:
-    try:
-        headers = orjson.loads(payload).get("headers") or {}
-        return 1 + int(headers.get(REDELIVERIES_HEADER) or 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 1
-
-
-def _dead_record(queue: str, payload: bytes, reason: str, when: float) -> bytes:
-    record: dict[str, Any] = {"queue": queue, "reason": reason, "when": when}
-    try:
-        record["payload"] = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        record["payload"], record["payload_encoding"] = payload.hex(), "hex"
-    return orjson.dumps(record)
-
-
-def _read_dead_record(raw: bytes) -> DeadLetter | None:
-    try:
-        record = orjson.loads(raw)
-        text = str(record["payload"])
-        payload = bytes.fromhex(text) if record.get("payload_encoding") == "hex" else text.encode("utf-8")
-        return DeadLetter(str(record["queue"]), payload, str(record["reason"]), float(record["when"]))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        logger.warning("Skipping an unreadable record in %s: %r", DEAD_KEY, raw[:200])
-        return None
-
-
-def _refuse_other_layouts(options: Mapping[str, Any]) -> None:
-    # These kombu options move the keys; ignoring them would leave celeriac and Celery
-    # silently blind to each other's messages, so a non-default value is refused.
-    layout = {"global_keyprefix": "", "sep": SEP, "priority_steps": [0, 3, 6, 9]}
-    for name, default in layout.items():
-        if name in options and options[name] != default:
-            raise ImproperlyConfigured(
-                f"The Redis broker supports only kombu's default {name} ({default!r}), "
-                f"not {options[name]!r}: remove it from broker_transport_options"
-            )

@@ -290,8 +290,8 @@ class SQLiteBroker(Broker):
             sql = _RELEASE if redelivered else _RELEASE_UNCOUNTED
             self._execute(sql, (time.time() if eta is None else eta, _tags(deliveries)))
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a leased message to the dead letters in one transaction.
+    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Move a leased message to the dead letters in one transaction; False if it is no longer leased.
 
         Args:
             delivery: The message to set aside.
@@ -302,10 +302,7 @@ class SQLiteBroker(Broker):
             row = connection.execute(_TAKE_LEASED, (int(delivery.tag),)).fetchone()
             if row is not None:
                 connection.execute(_ADD_DEAD_LETTER, (row[0], row[1], reason, time.time()))
-        if row is None:
-            logger.warning(
-                "Not dead-lettering message %s of %r: it is no longer leased", delivery.tag, delivery.queue
-            )
+        return row is not None
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Return dead letters, oldest first.

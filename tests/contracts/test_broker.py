@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -414,6 +415,23 @@ def test_a_dead_lettered_message_leaves_its_queue_and_keeps_its_reason(broker: B
     [letter] = broker.dead_letters()
     assert (letter.queue, letter.payload, letter.reason) == (QUEUE, b"poison", "unknown task 'nope'")
     assert before <= letter.when <= time.time()
+
+
+def test_dead_lettering_a_message_no_longer_leased_leaves_it_alone_with_a_warning(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a message that was fetched and acked
+    broker.publish_one(QUEUE, b"done")
+    [delivery] = broker.fetch([QUEUE], 1, timeout=1)
+    broker.ack([delivery])
+
+    # When it is dead-lettered afterwards
+    with caplog.at_level(logging.WARNING, logger="celeriac.brokers"):
+        broker.dead_letter(delivery, "too late")
+
+    # Then no dead letter appears, and a warning says why
+    assert broker.dead_letters() == []
+    assert "no longer leased" in caplog.text
 
 
 def test_dead_letters_are_listed_oldest_first_per_queue_up_to_a_limit(broker: Broker) -> None:

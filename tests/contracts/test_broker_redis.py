@@ -23,7 +23,7 @@ import orjson
 import pytest
 import redis
 
-from celeriac.brokers import redis as redis_broker
+from celeriac.brokers import redis_ledger
 from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
@@ -344,7 +344,7 @@ def test_deliveries_settled_by_another_process_are_forgotten_without_returning_h
 ) -> None:
     # Given a consumer that counts at most 10 unsettled payloads before it reads its in-flight list,
     # holding 30 messages, 25 of which another broker object (a pool child) acked
-    monkeypatch.setattr(redis_broker, "RECONCILE_FLOOR", 10)
+    monkeypatch.setattr(redis_ledger, "RECONCILE_FLOOR", 10)
     fetcher, child = make_broker(), make_broker()
     fetcher.publish([Outgoing(QUEUE, task_envelope(f"t{n}")) for n in range(30)])
     fetched = fetcher.fetch([QUEUE], 30, timeout=1)
@@ -354,9 +354,46 @@ def test_deliveries_settled_by_another_process_are_forgotten_without_returning_h
     assert fetcher.fetch([QUEUE], 10, timeout=0) == []
 
     # Then it forgot the 25 settled elsewhere and still holds the 5 others, leased, not requeued
-    assert len(fetcher._handed) == 5
+    assert len(fetcher._ledger) == 5
     assert sorted(raw.lrange(inflight(fetcher), 0, -1)) == sorted(d.payload for d in fetched[25:])
     assert raw.llen(QUEUE) == 0
+
+
+def test_reading_the_inflight_list_after_failures_never_takes_what_a_running_fetch_leased(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer told every millisecond that a fetch failed, so it reads its in-flight list
+    # before fetching whenever no other fetch of it runs, and 2,000 waiting plain payloads (which a
+    # wrongly taken-back payload would turn into a dead letter: their queue is unknown)
+    broker = make_broker()
+    broker.publish([Outgoing(QUEUE, str(n).encode()) for n in range(2000)])
+    seen: list[list[bytes]] = [[] for _ in range(8)]
+    done = threading.Event()
+
+    def drain(mine: list[bytes]) -> None:
+        while batch := broker.fetch([QUEUE], 2, timeout=0.05):
+            mine.extend(d.payload for d in batch)
+            broker.ack(batch)
+
+    def keep_doubting() -> None:
+        while not done.wait(0.001):
+            broker._ledger.fetch_failed()
+
+    # When eight threads drain the queue through it, fetching and acking while it reads the list
+    doubter = threading.Thread(target=keep_doubting)
+    doubter.start()
+    threads = [threading.Thread(target=drain, args=(mine,)) for mine in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    doubter.join(5)
+
+    # Then nothing a fetch had leased was taken back: each message was delivered once, none set aside
+    assert sorted(int(p) for mine in seen for p in mine) == list(range(2000))
+    assert broker.dead_letters() == []
+    assert (raw.llen(QUEUE), raw.llen(inflight(broker))) == (0, 0)
 
 
 # ack, release, dead letters across processes --------------------------------------------------
