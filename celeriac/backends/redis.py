@@ -11,9 +11,9 @@ is how `wait` learns of a result without polling, and how Celery's clients learn
 ours. A stored SUCCESS is never overwritten; a small Lua script makes that check and
 the write one atomic step, so a late RETRY or STARTED cannot clobber a SUCCESS.
 
-Waiting threads of one process share a single pub/sub connection, owned by a
-background thread (`redis_listener.Listener`) that subscribes to a task's channel
-only while someone waits for that task.
+Waiting threads of one process share a single pub/sub connection (`redis_listener.Listener`),
+read by whichever of them finds it unattended, subscribed to a task's channel only while
+someone waits for that task.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from celeriac import states
@@ -130,6 +131,47 @@ def group_key(group_id: str) -> str:
     return GROUP_KEY_PREFIX + group_id
 
 
+class _HeldConnections:
+    """Each thread keeps one connection out of a client's pool for the per-task commands.
+
+    A store or a GET through redis-py's full machinery (pool checkout, retries, events,
+    metrics) costs as much again as the round trip itself. `run` sends one command on this
+    thread's own connection instead; whatever goes wrong, the connection is dropped and the
+    error raised, and callers fall back on the client's ordinary path, with its retries
+    (which is why only commands that may safely run twice go through here).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def run(self, client: redis.Redis, *args: bytes | str | int | float) -> Any:
+        """Send one command and return its reply, as redis-py parses it."""
+        # No check that the held connection is still good before using it: that costs a
+        # system call per command, and a dead one fails the command, which the caller retries.
+        local = self._local
+        connection: Any = local.connection if getattr(local, "owner", None) is client else None
+        if connection is None:
+            connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
+            local.connection, local.owner = connection, client
+        try:
+            connection.send_command(*args)
+            return connection.read_response()
+        except BaseException:
+            self._drop(client, connection)
+            raise
+
+    def _drop(self, client: redis.Redis, connection: Any) -> None:
+        # Its state is unknown (a lost server, an unread reply): never use it again as it is.
+        connection.disconnect()
+        self._local.connection = self._local.owner = None
+        client.connection_pool.release(connection)
+
+
+# What sends a held connection's command back to the client's ordinary path (which loads a
+# missing script, and retries a lost connection).
+_FALL_BACK = (redis.ConnectionError, redis.TimeoutError, NoScriptError)
+
+
 def _expiring_write(expires: float | None) -> tuple[str, int] | None:
     """Pick Celery's SETEX for whole seconds, PSETEX for a fraction; None means a plain SET."""
     if expires is None:
@@ -188,12 +230,16 @@ class RedisBackend(ResultBackend):
         self._translated = Translated(_ROLE, self._endpoint.redacted)
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
+        self._held = _HeldConnections()
         self._listener: Listener | None = None
         self._chord_add_script: Script | None = None
 
     # connections -----------------------------------------------------------------------
 
     def _connect(self) -> _Connection:
+        connection = self._connection
+        if connection is not None:
+            return connection
         with self._lock:
             if self._connection is None:
                 backoff = ExponentialBackoff(cap=_RETRY_BACKOFF_CAP, base=_RETRY_BACKOFF_BASE)
@@ -216,7 +262,7 @@ class RedisBackend(ResultBackend):
             return self._listener
 
     def close(self) -> None:
-        """Stop the listener thread and close every connection; the next use opens new ones."""
+        """Close every connection and release the waiters; the next use opens new ones."""
         with self._lock:
             connection, listener = self._connection, self._listener
             self._connection = self._listener = None
@@ -232,6 +278,7 @@ class RedisBackend(ResultBackend):
         # exist here, and another parent thread may have held the lock at the fork.
         self._lock = threading.Lock()
         self._connection = None
+        self._held = _HeldConnections()
         self._listener = None
         self._chord_add_script = None
 
@@ -242,7 +289,12 @@ class RedisBackend(ResultBackend):
         with self._translated:
             if self.serializer.content_type == JSON_TYPE:
                 args: list[Any] = [document, *(_expiring_write(expires) or ())]
-                self._connect().store_script(keys=[key], args=args)
+                connection = self._connect()
+                script = connection.store_script
+                try:
+                    self._held.run(connection.client, "EVALSHA", script.sha, 1, key, *args)
+                except _FALL_BACK:
+                    script(keys=[key], args=args)
             else:
                 self._store_watched(key, document, expires)
 
@@ -265,8 +317,13 @@ class RedisBackend(ResultBackend):
             return False  # unreadable to us, so not a SUCCESS we could honour
 
     def _load(self, task_id: str) -> bytes | None:
+        key = task_key(task_id)
         with self._translated:
-            document = self._client().get(task_key(task_id))
+            client = self._client()
+            try:
+                document = self._held.run(client, "GET", key)
+            except _FALL_BACK:
+                document = client.get(key)
         return document if isinstance(document, bytes) else None
 
     def _delete(self, task_id: str) -> None:
@@ -299,13 +356,15 @@ class RedisBackend(ResultBackend):
             BackendError: Redis cannot be reached, or the backend was closed meanwhile.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        # Most results asked for are already there: one GET, and no subscription.
-        meta = self.get_meta(task_id)
-        if meta["status"] in states.READY_STATES:
-            return meta
-        if timeout is not None and timeout <= 0:
-            raise TimeoutError("The operation timed out.")
+        # The subscription is asked for first and the key read while the server answers, so
+        # a ready result costs one GET, and one that is not yet ready one GET more once the
+        # subscription is live (a GET before that could miss a store in between).
         with self._shared_listener().subscription(task_key(task_id)) as inbox:
+            meta = self.get_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError("The operation timed out.")
             return self._await_ready(task_id, inbox, deadline)
 
     def _await_ready(self, task_id: str, inbox: Inbox, deadline: float | None) -> TaskMeta:
@@ -315,7 +374,7 @@ class RedisBackend(ResultBackend):
                 raise BackendError(f"the result backend was closed while waiting for task {task_id}")
             # LOOK comes once the subscription is live (so a GET now misses nothing),
             # and again after a reconnect, for what was published while it was down.
-            meta = self.get_meta(task_id) if item is Signal.LOOK else self.decode(item)
+            meta = self.decode(item) if isinstance(item, bytes) else self.get_meta(task_id)
             if meta["status"] in states.READY_STATES:
                 return meta
 
