@@ -53,6 +53,7 @@ class Consumer:
         self.active: dict[int, Job] = {}
         self.processed = 0
         self._next_key = 0
+        self._policies: dict[str, Policy] = {}  # by task name; settings do not change while serving
 
     # the loop --------------------------------------------------------------------------
 
@@ -124,7 +125,10 @@ class Consumer:
 
     def _job(self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]) -> Job:
         self._next_key += 1
-        return make_job(self.app, self._next_key, delivery, message, task, self.settings.hostname)
+        policy = self._policies.get(message.name)
+        if policy is None:
+            policy = self._policies[message.name] = Policy.of(self.app, task)
+        return make_job(self._next_key, delivery, message, policy, self.settings.hostname)
 
     # running ---------------------------------------------------------------------------
 
@@ -185,12 +189,34 @@ class Consumer:
             self.broker.release(deliveries)
 
 
-def make_job(
-    app: Celery, key: int, delivery: Delivery, message: TaskMessage, task: Task[Any, Any], hostname: str
-) -> Job:
-    """The job that runs `message`'s task, with its limits and ack policy settled."""
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A task's time limits and ack policy as this worker's settings resolve them."""
+
+    soft_limit: float | None
+    hard_limit: float | None
+    acks_late: bool
+    ack_failures: bool
+
+    @classmethod
+    def of(cls, app: Celery, task: Task[Any, Any]) -> Policy:
+        """Resolve `task`'s options against the app's defaults."""
+        conf = app.conf
+        return cls(
+            soft_limit=_first(task.soft_time_limit, conf.task_soft_time_limit),
+            hard_limit=_first(task.time_limit, conf.task_time_limit),
+            acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
+            ack_failures=bool(
+                conf.task_acks_on_failure_or_timeout
+                if task.acks_on_failure_or_timeout is None
+                else task.acks_on_failure_or_timeout
+            ),
+        )
+
+
+def make_job(key: int, delivery: Delivery, message: TaskMessage, policy: Policy, hostname: str) -> Job:
+    """The job that runs `message`'s task; limits in the message override the task's."""
     hard, soft = message.timelimit
-    conf = app.conf
     return Job(
         key=key,
         message=message,
@@ -202,14 +228,10 @@ def make_job(
             "redelivered": delivery.redelivered,
         },
         hostname=hostname,
-        soft_limit=_first(soft, task.soft_time_limit, conf.task_soft_time_limit),
-        hard_limit=_first(hard, task.time_limit, conf.task_time_limit),
-        acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
-        ack_failures=bool(
-            conf.task_acks_on_failure_or_timeout
-            if task.acks_on_failure_or_timeout is None
-            else task.acks_on_failure_or_timeout
-        ),
+        soft_limit=float(soft) if soft else policy.soft_limit,
+        hard_limit=float(hard) if hard else policy.hard_limit,
+        acks_late=policy.acks_late,
+        ack_failures=policy.ack_failures,
     )
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from celeriac.brokers.base import make_consumer_id
 from celeriac.exceptions import OperationalError
 from celeriac.protocol.message import decode_task, unpack
-from celeriac.worker.consumer import Consumer, Settings, log_completion, make_job
+from celeriac.worker.consumer import Consumer, Policy, Settings, log_completion, make_job
 from celeriac.worker.execution import execute_safely, settle
 from celeriac.worker.jobs import Completion, Job
 from celeriac.worker.pools.base import hard_limit_completion, lost_completion
@@ -210,7 +210,7 @@ class PreforkPool:
         task = self.app.tasks.get(message.name)
         if task is None:
             return
-        job = make_job(self.app, 0, delivery, message, task, self.settings.hostname)
+        job = make_job(0, delivery, message, Policy.of(self.app, task), self.settings.hostname)
         runtime = time.monotonic() - running.started
         if over_limit and running.hard_limit is not None and runtime >= running.hard_limit:
             completion = hard_limit_completion(self.app, job, runtime)
