@@ -36,6 +36,7 @@ Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -196,6 +197,9 @@ class RedisBroker(Broker):
         if self._pid != os.getpid():
             self._forget_parent()
             return
+        if getattr(self._held, "unread", None) is not None:
+            with contextlib.suppress(OperationalError):
+                self._held_connection()  # reads the last ack's reply, sending it again if lost
         with self._lock:
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
@@ -241,36 +245,88 @@ class RedisBroker(Broker):
         self._declared |= fresh
 
     def _send(self, *args: Arg) -> Any:
-        """Run one command on a pooled connection, without redis-py's per-command machinery.
+        """Run one command on this thread's held connection and return its reply.
 
         redis-py's retries, events and metrics cost about as much as the round trip itself,
         and the calls on the per-task path (one publish, one ack) need none of them: a
         failure is raised as OperationalError for the caller's own retry policy.
         """
-        client = self._client()
-        held = self._held
-        # Each thread keeps one connection out of the pool for these calls: taking it from
-        # and returning it to the pool costs as much as the command on the per-task path.
-        connection: Any = held.connection if getattr(held, "owner", None) is client else None
-        if connection is not None and _stale(connection):
-            # The server closed it (a restart) or left a reply unread: the check the pool's
-            # get_connection makes, which a held connection skips. Take a fresh one.
-            connection.disconnect()
-            held.connection = held.owner = None
-            client.connection_pool.release(connection)
-            connection = None
+        connection = self._held_connection()
         with self._translated:
-            if connection is None:
-                connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
-                held.connection, held.owner = connection, client
             try:
                 connection.send_command(*args)
                 return connection.read_response()
             except BaseException:
-                connection.disconnect()  # its state is unknown: never use it again as is
-                held.connection = held.owner = None
-                client.connection_pool.release(connection)
+                self._drop_held(connection)
                 raise
+
+    def _send_unread(self, *args: Arg) -> None:
+        """Send one command whose reply is read later, before this thread's next command.
+
+        Used for acks: the command is on its way to Redis (in order, on one connection) when
+        this returns, so the task can start without waiting a round trip for the reply. At
+        most one reply is ever left unread, so a process that dies leaves no unread reply
+        but for a command Redis has already run.
+        """
+        connection = self._held_connection()
+        with self._translated:
+            try:
+                connection.send_command(*args)
+            except BaseException:
+                self._drop_held(connection)
+                raise
+        self._held.unread = args
+
+    def _held_connection(self) -> Any:
+        """This thread's connection for `_send`, with any reply left unread read first.
+
+        Each thread keeps one connection out of the pool: taking it from and returning it to
+        the pool costs as much as the command on the per-task path.
+        """
+        client = self._client()
+        held = self._held
+        connection: Any = held.connection if getattr(held, "owner", None) is client else None
+        unread: tuple[Arg, ...] | None = getattr(held, "unread", None)
+        if connection is not None and unread is not None:
+            held.unread = None
+            try:
+                with self._translated:
+                    connection.read_response()
+                return connection
+            except OperationalError:
+                # The reply of an earlier ack was lost with the connection: the ack may not
+                # have run, so send it again on a fresh one (LREM of a gone payload does nothing).
+                self._drop_held(connection)
+                connection = self._fresh_held(client)
+                with self._translated:
+                    try:
+                        connection.send_command(*unread)
+                        connection.read_response()
+                    except BaseException:
+                        self._drop_held(connection)
+                        raise
+                return connection
+        if connection is not None and _stale(connection):
+            # The server closed it (a restart) or left a reply unread: the check the pool's
+            # get_connection makes, which a held connection skips. Take a fresh one.
+            self._drop_held(connection)
+            connection = None
+        return connection if connection is not None else self._fresh_held(client)
+
+    def _fresh_held(self, client: redis.Redis) -> Any:
+        with self._translated:
+            connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
+        self._held.connection, self._held.owner = connection, client
+        return connection
+
+    def _drop_held(self, connection: Any) -> None:
+        """Forget a connection in an unknown state: never use it again as it is."""
+        connection.disconnect()
+        held = self._held
+        owner = getattr(held, "owner", None)
+        held.connection = held.owner = held.unread = None
+        if owner is not None:
+            owner.connection_pool.release(connection)
 
     # consuming -------------------------------------------------------------------------
 
@@ -405,6 +461,10 @@ class RedisBroker(Broker):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Forget processed messages, in one round trip.
 
+        One ack is sent without waiting for its reply (read before this thread's next
+        command, and the ack sent again if that reply was lost with its connection), so an
+        early-acked task starts without waiting a round trip.
+
         Args:
             deliveries: Messages fetched through any broker object on this Redis; ones no
                 longer in flight are ignored.
@@ -412,7 +472,7 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            self._send("LREM", inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
+            self._send_unread("LREM", inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
         else:
             pipe = self._client().pipeline(transaction=False)
             for delivery in deliveries:

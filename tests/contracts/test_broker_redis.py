@@ -418,6 +418,28 @@ def test_a_message_acked_by_another_broker_object_leaves_the_fetchers_inflight_l
     assert raw.lrange(QUEUE, 0, -1) == [b"released"]
 
 
+def test_an_ack_whose_reply_was_lost_with_its_connection_is_sent_again(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased two messages, and Redis holding back every write
+    broker.publish([Outgoing(QUEUE, b"first"), Outgoing(QUEUE, b"second")])
+    first, second = broker.fetch([QUEUE], 2, timeout=1)
+    held_id = broker._send("CLIENT", "ID")  # the connection acks go out on
+    raw.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    try:
+        # When the first ack is sent (its reply left for later) and its connection dies before
+        # Redis runs it
+        broker.ack([first])
+        raw.execute_command("CLIENT", "KILL", "ID", held_id)
+    finally:
+        raw.execute_command("CLIENT", "UNPAUSE")
+    assert raw.llen(inflight(broker)) == 2  # the first ack never ran
+
+    # Then the next command notices the lost reply and sends that ack again
+    broker.ack([second])
+    eventually(lambda: raw.llen(inflight(broker)) == 0)
+
+
 def _ack_in_forked_child(broker: RedisBroker, delivery: Delivery, parent_id: str) -> None:
     broker.reset_after_fork()  # what the prefork pool does first in every child
     broker.ack([delivery])
