@@ -289,8 +289,12 @@ class group:
         if not self.tasks:
             return GroupResult(group_id, [])
         app = self.tasks[0].app
+        plain = not (args or kwargs or options)
         calls = [
-            member.call_with(args, kwargs, {**options, "group_id": group_id, "group_index": index})
+            # What call_with gives for a member with no options of its own, made directly.
+            Call(member.task, member.args, member.kwargs, new_id(), group_id=group_id, group_index=index)
+            if plain and not member.options
+            else member.call_with(args, kwargs, {**options, "group_id": group_id, "group_index": index})
             for index, member in enumerate(self.tasks)
         ]
         _publish_all(app, calls)

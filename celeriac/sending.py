@@ -384,6 +384,7 @@ _SLOTS = (
     "correlation_id",
 )
 _NULL = b"null"
+_EMPTY_REPR = b'"{}"'
 _EMPTY_EMBED: Mapping[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _TEMPLATES_KEPT = 512
 
@@ -528,14 +529,14 @@ def _slot_values(call: Call, eta: datetime | None, expires: datetime | None) -> 
     kwargs = call.kwargs
     return (
         task_id,
-        _json(eta.isoformat()) if eta is not None else _NULL,
-        _json(expires.isoformat()) if expires is not None else _NULL,
-        _json(call.group_id),
-        _json(call.group_index),
+        _NULL if eta is None else _json(eta.isoformat()),
+        _NULL if expires is None else _json(expires.isoformat()),
+        _NULL if call.group_id is None else _json(call.group_id),
+        _NULL if call.group_index is None else _json(call.group_index),
         _json(call.root_id) if call.root_id else task_id,
-        _json(call.parent_id),
+        _NULL if call.parent_id is None else _json(call.parent_id),
         _json(short_repr(call.args if type(call.args) is tuple else tuple(call.args))),
-        _json(short_repr(kwargs if type(kwargs) is dict else dict(kwargs))) if kwargs else b'"{}"',
+        _json(short_repr(kwargs if type(kwargs) is dict else dict(kwargs))) if kwargs else _EMPTY_REPR,
         task_id,
     )
 

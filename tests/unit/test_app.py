@@ -581,3 +581,30 @@ def test_composed_messages_are_byte_for_byte_the_general_layout(
 def _untagged(payload: bytes) -> bytes:
     start = payload.index(b'"delivery_tag":"tag-') + len(b'"delivery_tag":"tag-')
     return payload[:start] + payload[payload.index(b'"', start) :]
+
+
+def test_group_members_carry_the_group_id_their_index_and_their_own_ids(app: Celery) -> None:
+    # Given a task, and a group of plain members and members with options or extra arguments
+    from celeriac import group
+
+    @app.task
+    def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    plain = group(add.s(i) for i in range(3))
+    special = group([add.s(1).set(priority=5), add.si(2, y=3)])
+
+    # When each is sent and its messages are read back
+    for sent, args_given, expected in (
+        (plain, (), [([0], {}), ([1], {}), ([2], {})]),
+        (special, ((10,), {"y": 1}), [([10, 1], {"y": 1}), ([2], {"y": 3})]),
+    ):
+        result = sent.apply_async(*args_given)
+        messages = {message.id: message for message in (decode(app, fetch_one(app)) for _ in expected)}
+        for index, (member, (args, kwargs)) in enumerate(zip(result.results, expected, strict=True)):
+            # Then each is its own task in the group, at its index, rooted at itself
+            message = messages[member.id]
+            headers = message.headers
+            assert (headers["group"], headers["group_index"]) == (result.id, index)
+            assert headers["root_id"] == member.id and headers["parent_id"] is None
+            assert (list(message.args), dict(message.kwargs)) == (args, kwargs)
