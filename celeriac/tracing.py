@@ -46,7 +46,7 @@ def _extended(task: Task[Any, Any], request: Request) -> dict[str, Any]:
         extra["group_id"] = request.group
     if request.parent_id is not None:
         extra["parent_id"] = request.parent_id
-    if task.app.conf.result_extended:
+    if task.app.conf["result_extended"]:  # by item: several times cheaper than by attribute
         delivery = request.delivery_info or {}
         extra.update(
             name=task.name,

@@ -154,7 +154,7 @@ class _HeldConnections:
             connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
             local.connection, local.owner = connection, client
         try:
-            connection.send_command(*args)
+            connection.send_packed_command([_packed(args)])
             return connection.read_response()
         except BaseException:
             self._drop(client, connection)
@@ -165,6 +165,15 @@ class _HeldConnections:
         connection.disconnect()
         self._local.connection = self._local.owner = None
         client.connection_pool.release(connection)
+
+
+def _packed(args: tuple[bytes | str | int | float, ...]) -> bytes:
+    """One command in RESP, as redis-py would pack it (bulk strings; str is UTF-8, numbers as text)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else (arg if isinstance(arg, str) else repr(arg)).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+    return b"".join(parts)
 
 
 # What sends a held connection's command back to the client's ordinary path (which loads a

@@ -69,21 +69,29 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 def _tag_uuids(obj: Any) -> Any:
     # orjson writes UUIDs as bare strings with no way to intercept them, so tag them first.
+    # Most values hold none: look without building anything, and rebuild only if one is found.
+    return _retag(obj) if _holds_uuid(obj) else obj
+
+
+def _holds_uuid(obj: Any) -> bool:
     kind = type(obj)
     if kind in _SCALARS:
-        return obj
+        return False
     if kind is tuple or kind is list or isinstance(obj, list | tuple):
-        if _SCALARS.issuperset(map(type, obj)):  # the usual case: nothing to walk
-            return obj
-        items = [_tag_uuids(item) for item in obj]
-        return items if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
+        return not _SCALARS.issuperset(map(type, obj)) and any(map(_holds_uuid, obj))
     if kind is dict or isinstance(obj, dict):
-        if _SCALARS.issuperset(map(type, obj.values())):
-            return obj
-        pairs = {key: _tag_uuids(value) for key, value in obj.items()}
-        return pairs if any(pairs[k] is not obj[k] for k in obj) else obj
+        values = obj.values()
+        return not _SCALARS.issuperset(map(type, values)) and any(map(_holds_uuid, values))
+    return isinstance(obj, uuid.UUID)
+
+
+def _retag(obj: Any) -> Any:
     if isinstance(obj, uuid.UUID):
         return _tagged("uuid", {"hex": obj.hex, "version": obj.version})
+    if isinstance(obj, list | tuple):
+        return [_retag(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _retag(value) for key, value in obj.items()}
     return obj
 
 
