@@ -26,8 +26,10 @@ reply would strand the first attempt's messages in a live consumer's in-flight l
 fetch whose reply is lost may still have leased messages; the consumer keeps its id, and
 its next fetch gives back what it never received (see `redis_ledger`).
 
-Not supported: Redis Cluster (a queue's four lists and our keys cannot share one hash
-slot, and the scripts build key names); kombu's ``global_keyprefix``, ``sep`` and
+Redis Cluster is served by the subclass in `redis_cluster`, with the keys of
+`redis_layout.ClusterLayout`; this class reaches its keys through `layout` for that reason.
+
+Not supported: kombu's ``global_keyprefix``, ``sep`` and
 ``priority_steps`` options (refused unless they hold kombu's defaults, since they move the
 keys) and ``queue_order_strategy`` (ignored: queues rotate round-robin, kombu's default);
 named exchanges on publish (messages go to the default exchange, as Celery sends them).
@@ -52,17 +54,15 @@ from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, make_c
 from celeriac.brokers.redis_layout import (
     CONSUMERS_KEY,
     DEAD_KEY,
-    DELAYED_PREFIX,
     INFLIGHT_PREFIX,
-    STEP_SUFFIXES,
     Arg,
+    KeyLayout,
     Scripts,
     attempts,
     binding,
+    consumer_of,
     dead_record,
-    inflight_of,
     parse_tag,
-    queue_lists,
     read_dead_record,
     refuse_other_layouts,
     step_of,
@@ -122,12 +122,12 @@ class RedisBroker(Broker):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+socket", "unix", "sentinel")
+    layout: ClassVar[KeyLayout] = KeyLayout()
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
         refuse_other_layouts(self.options)
-        self._endpoint = endpoint(url, self.options, _ROLE)
-        self._translated = Translated(_ROLE, self._endpoint.redacted)
+        self._translated = Translated(_ROLE, self._reach(url))
         self.lease_grace = float(self.options.get("lease_grace", max(60.0, 10 * self.lease_timeout)))
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -146,6 +146,11 @@ class RedisBroker(Broker):
         self._ledger = Ledger(self.consumer_id, self.lease_timeout)
 
     # connections -----------------------------------------------------------------------
+
+    def _reach(self, url: str) -> str:
+        """Check `url` and the options, keep how to reach the server, and return the URL without passwords."""
+        self._endpoint = endpoint(url, self.options, _ROLE)
+        return self._endpoint.redacted
 
     def _link(self) -> tuple[redis.Redis, Scripts]:
         if self._pid != os.getpid():
@@ -225,18 +230,20 @@ class RedisBroker(Broker):
         """
         if len(messages) == 1 and messages[0].queue in self._declared:
             message = messages[0]
-            self._send("LPUSH", message.queue + STEP_SUFFIXES[step_of(message.priority)], message.payload)
+            self._send(
+                "LPUSH", self.layout.list_key(message.queue, step_of(message.priority)), message.payload
+            )
         elif messages:
             self._publish_many(messages)
 
     def _publish_many(self, messages: Sequence[Outgoing]) -> None:
         lists: dict[str, list[bytes]] = {}
         for message in messages:
-            key = message.queue + STEP_SUFFIXES[step_of(message.priority)]
+            key = self.layout.list_key(message.queue, step_of(message.priority))
             lists.setdefault(key, []).append(message.payload)
         fresh = {message.queue for message in messages} - self._declared
         pipe = self._client().pipeline(transaction=False)
-        _declare_in(pipe, fresh)
+        self._declare_in(pipe, fresh)
         for key, payloads in lists.items():
             for start in range(0, len(payloads), PUSH_CHUNK):
                 pipe.lpush(key, *payloads[start : start + PUSH_CHUNK])
@@ -373,7 +380,12 @@ class RedisBroker(Broker):
         start = next(self._turn) % len(names)
         order = names[start:] + names[:start]
         consumer_id = self.consumer_id
-        keys = [CONSUMERS_KEY, INFLIGHT_PREFIX + consumer_id, *self._queue_keys(order)]
+        first = order[0]  # on one server the leases and the in-flight list serve every queue
+        keys = [
+            self.layout.consumers(first),
+            self.layout.inflight(consumer_id, first),
+            *self._queue_keys(order),
+        ]
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
         reply = self._script().fetch(keys, args, client=self._fetch_client())
         return self._deliveries(consumer_id, order, reply)
@@ -383,9 +395,8 @@ class RedisBroker(Broker):
         consumer_id = self.consumer_id
         queue = names[next(self._wait_turn) % len(names)]
         pause = min(max(remaining, 0.01), WAIT_SLICE)
-        landed = _command(
-            self._fetch_client(), "BLMOVE", queue, INFLIGHT_PREFIX + consumer_id, "RIGHT", "LEFT", pause
-        )
+        inflight = self.layout.inflight(consumer_id, queue)
+        landed = _command(self._fetch_client(), "BLMOVE", queue, inflight, "RIGHT", "LEFT", pause)
         found = [] if landed is None else [self._delivery(tag_prefix(consumer_id, 0), queue, bytes(landed))]
         if len(found) < limit:
             found += self._take(names, limit - len(found))
@@ -394,7 +405,8 @@ class RedisBroker(Broker):
     def _queue_keys(self, order: tuple[str, ...]) -> list[str]:
         keys = self._fetch_keys.get(order)
         if keys is None:
-            keys = [key for queue in order for key in (DELAYED_PREFIX + queue, *queue_lists(queue))]
+            layout = self.layout
+            keys = [key for queue in order for key in (layout.delayed(queue), *layout.lists(queue))]
             self._fetch_keys[order] = keys
         return keys
 
@@ -417,10 +429,15 @@ class RedisBroker(Broker):
         fresh = set(names) - self._declared
         if fresh:
             pipe = self._client().pipeline(transaction=False)
-            _declare_in(pipe, fresh)
+            self._declare_in(pipe, fresh)
             with self._translated:
                 pipe.execute()
             self._declared |= fresh
+
+    def _declare_in(self, pipe: Pipeline, queues: set[str]) -> None:
+        """Queue the commands that make `queues` known: kombu's bindings."""
+        for queue in queues:
+            pipe.sadd(*binding(queue))
 
     # reconciling the in-flight list ----------------------------------------------------
 
@@ -436,16 +453,17 @@ class RedisBroker(Broker):
             listed = [bytes(payload) for payload in _command(client, "LRANGE", inflight, 0, -1)]
         unseen = ledger.take_stock(listed)
         if unseen:
-            self._give_back_unseen(inflight, ledger.consumer_id, unseen)
+            self._give_back_unseen([inflight, DEAD_KEY], ledger.consumer_id, unseen)
         ledger.reconciled()
 
-    def _give_back_unseen(self, inflight: str, consumer_id: str, payloads: list[bytes]) -> None:
+    def _give_back_unseen(self, keys: list[str], consumer_id: str, payloads: list[bytes]) -> None:
+        """Run the reconcile script on `keys` (in-flight list, dead letters, and any more it takes)."""
         script, client = self._script().reconcile, self._fetch_client()
         returned = dead = 0
         with self._translated:
             for start in range(0, len(payloads), RECONCILE_CHUNK):
                 chunk = payloads[start : start + RECONCILE_CHUNK]
-                back, aside = script([inflight, DEAD_KEY], [consumer_id, *chunk], client=client)
+                back, aside = script(keys, [consumer_id, *chunk], client=client)
                 returned, dead = returned + int(back), dead + int(aside)
         if returned:
             logger.warning(
@@ -472,12 +490,12 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            self._send_unread("LREM", inflight_of(deliveries[0].tag), -1, deliveries[0].payload)
+            self._send_unread("LREM", self._inflight_of(deliveries[0]), -1, deliveries[0].payload)
         else:
             pipe = self._client().pipeline(transaction=False)
             for delivery in deliveries:
                 # LREM by hand: redis-py types the value as str, and ours are bytes.
-                _command(pipe, "LREM", inflight_of(delivery.tag), -1, delivery.payload)
+                _command(pipe, "LREM", self._inflight_of(delivery), -1, delivery.payload)
             with self._translated:
                 pipe.execute()
         self._ledger.settled(deliveries)
@@ -502,13 +520,29 @@ class RedisBroker(Broker):
         client = self._client()
         with self._translated:
             if len(deliveries) == 1:
-                script(*_release_call(deliveries[0], eta, redelivered), client=client)
+                script(*self._release_call(deliveries[0], eta, redelivered), client=client)
             else:
                 pipe = client.pipeline(transaction=False)
                 for delivery in reversed(deliveries):  # the last pushed is consumed first
-                    script(*_release_call(delivery, eta, redelivered), client=pipe)
+                    script(*self._release_call(delivery, eta, redelivered), client=pipe)
                 pipe.execute()
         self._ledger.settled(deliveries)
+
+    def _release_call(
+        self, delivery: Delivery, eta: float | None, redelivered: bool
+    ) -> tuple[list[str], list[Arg]]:
+        """The keys and arguments of the release script for one delivery."""
+        parsed = parse_tag(delivery.tag)
+        consumer_id, step = parsed if parsed is not None else (delivery.tag, 0)
+        inflight = self.layout.inflight(consumer_id, delivery.queue)
+        if eta is None:
+            mode = "now" if redelivered else "same"
+            return [inflight, self.layout.list_key(delivery.queue, step)], [delivery.payload, mode, 0]
+        return [inflight, self.layout.delayed(delivery.queue)], [delivery.payload, "at", repr(float(eta))]
+
+    def _inflight_of(self, delivery: Delivery) -> str:
+        """The key of the in-flight list `delivery` was leased into."""
+        return self.layout.inflight(consumer_of(delivery.tag), delivery.queue)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
         """Move a leased message to the dead letters atomically; False if it is no longer leased.
@@ -518,7 +552,7 @@ class RedisBroker(Broker):
             reason: Why, for whoever reads `dead_letters()`.
         """
         record = dead_record(delivery.queue, delivery.payload, reason, time.time())
-        keys = [inflight_of(delivery.tag), DEAD_KEY]
+        keys = [self._inflight_of(delivery), self.layout.dead(delivery.queue)]
         with self._translated:
             moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
         self._ledger.settled([delivery])
@@ -538,7 +572,7 @@ class RedisBroker(Broker):
         if limit <= 0:
             return found
         with self._translated:
-            for raw in self._oldest_dead_first():
+            for raw in self._oldest_dead_first(DEAD_KEY):
                 letter = read_dead_record(raw)
                 if letter is not None and (queue is None or letter.queue == queue):
                     found.append(letter)
@@ -546,12 +580,13 @@ class RedisBroker(Broker):
                         break
         return found
 
-    def _oldest_dead_first(self) -> Iterator[bytes]:
+    def _oldest_dead_first(self, key: str) -> Iterator[bytes]:
+        """The records of the dead-letter list `key`, oldest first, read in chunks as needed."""
         # LPUSHed, so the oldest records are at the right end: read backwards in chunks.
         client = self._client()
         end = -1
         while True:
-            chunk = cast(list[bytes], client.lrange(DEAD_KEY, end - DEAD_LETTER_CHUNK + 1, end))
+            chunk = cast(list[bytes], client.lrange(key, end - DEAD_LETTER_CHUNK + 1, end))
             yield from reversed(chunk)
             if len(chunk) < DEAD_LETTER_CHUNK:
                 return
@@ -614,7 +649,7 @@ class RedisBroker(Broker):
             How many messages were deleted.
         """
         with self._translated:
-            keys = [*queue_lists(queue), DELAYED_PREFIX + queue]
+            keys = [*self.layout.lists(queue), self.layout.delayed(queue)]
             return int(self._script().purge(keys, [], client=self._client()))
 
     def size(self, queue: str) -> int:
@@ -625,9 +660,9 @@ class RedisBroker(Broker):
         """
         with self._translated:
             pipe = self._client().pipeline(transaction=True)
-            for key in queue_lists(queue):
+            for key in self.layout.lists(queue):
                 pipe.llen(key)
-            pipe.zcard(DELAYED_PREFIX + queue)
+            pipe.zcard(self.layout.delayed(queue))
             return sum(int(count) for count in pipe.execute())
 
     def scheduled(self, queue: str) -> int:
@@ -637,7 +672,7 @@ class RedisBroker(Broker):
             queue: The queue to count.
         """
         with self._translated:
-            return int(self._client().zcount(DELAYED_PREFIX + queue, f"({time.time()!r}", "+inf"))
+            return int(self._client().zcount(self.layout.delayed(queue), f"({time.time()!r}", "+inf"))
 
 
 # helpers ----------------------------------------------------------------------------------
@@ -655,18 +690,3 @@ def _command(client: redis.Redis | Pipeline, *args: Arg) -> Any:
     """Send a raw command (redis-py's signatures for BLMOVE and LREM are narrower than Redis's)."""
     execute: Any = client.execute_command
     return execute(*args)
-
-
-def _declare_in(pipe: Pipeline, queues: set[str]) -> None:
-    for queue in queues:
-        pipe.sadd(*binding(queue))
-
-
-def _release_call(delivery: Delivery, eta: float | None, redelivered: bool) -> tuple[list[str], list[Arg]]:
-    parsed = parse_tag(delivery.tag)
-    consumer_id, step = parsed if parsed is not None else (delivery.tag, 0)
-    inflight = INFLIGHT_PREFIX + consumer_id
-    if eta is None:
-        mode = "now" if redelivered else "same"
-        return [inflight, delivery.queue + STEP_SUFFIXES[step]], [delivery.payload, mode, 0]
-    return [inflight, DELAYED_PREFIX + delivery.queue], [delivery.payload, "at", repr(float(eta))]

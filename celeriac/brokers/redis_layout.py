@@ -26,6 +26,19 @@ A `Delivery.tag` is ``<consumer id>|<step>|<n>``: the in-flight list and the lis
 payload came from, so ack, release and dead_letter work from any process, such as a
 forked pool child with a consumer id of its own.
 
+On Redis Cluster a script may touch only keys of one hash slot, so everything about queue
+``Q`` lives in the slot of the hash tag ``{Q}`` (`ClusterLayout`; the plain key ``Q`` hashes
+to that same slot, so the most urgent list keeps kombu's name)::
+
+    Q, {Q}\x06\x163, {Q}\x06\x166, {Q}\x06\x169   the queue's lists
+    celeriac.inflight.{Q}.<consumer id>            payloads that consumer leased from Q
+    celeriac.consumers.{Q}                         leases of the consumers that took from Q
+    celeriac.delayed.{Q}, celeriac.dead.{Q}        Q's parked messages and dead letters
+    _kombu.binding.Q                               as on a single server (touched alone)
+    celeriac.queues                                SET of every queue used (heartbeats walk it)
+
+A delivery's in-flight list is then named by its tag's consumer and its queue.
+
 The scripts live in ``lua/``; `SCRIPT_HELPERS` says which helper files each one runs after.
 """
 
@@ -58,6 +71,8 @@ TAG_SEP = "|"
 REDELIVERIES_HEADER = "x-celeriac-redeliveries"
 REDELIVERIES_MARK = b'"' + REDELIVERIES_HEADER.encode() + b'"'
 
+QUEUES_KEY = "celeriac.queues"
+
 Arg = bytes | str | int | float  # a command or script argument
 
 
@@ -67,6 +82,89 @@ Arg = bytes | str | int | float  # a command or script argument
 def queue_lists(queue: str) -> tuple[str, str, str, str]:
     """Return the keys of a queue's four lists, most urgent step first."""
     return (queue, queue + STEP_SUFFIXES[1], queue + STEP_SUFFIXES[2], queue + STEP_SUFFIXES[3])
+
+
+class KeyLayout:
+    """The keys on one Redis server: kombu's names, and celeriac's own keys shared by all queues."""
+
+    def list_key(self, queue: str, step: int) -> str:
+        """Return the key of `queue`'s list for priority `step` (0-3)."""
+        return queue + STEP_SUFFIXES[step]
+
+    def lists(self, queue: str) -> tuple[str, str, str, str]:
+        """Return the keys of `queue`'s four lists, most urgent step first."""
+        return queue_lists(queue)
+
+    def inflight_prefix(self, queue: str) -> str:
+        """Return what a consumer id follows in the key of its in-flight list for `queue`."""
+        return INFLIGHT_PREFIX
+
+    def inflight(self, consumer_id: str, queue: str) -> str:
+        """Return the key of the in-flight list holding what `consumer_id` leased from `queue`."""
+        return INFLIGHT_PREFIX + consumer_id
+
+    def consumers(self, queue: str) -> str:
+        """Return the key of the leases of the consumers that take from `queue`."""
+        return CONSUMERS_KEY
+
+    def delayed(self, queue: str) -> str:
+        """Return the key of `queue`'s parked messages."""
+        return DELAYED_PREFIX + queue
+
+    def dead(self, queue: str) -> str:
+        """Return the key of the dead letters of `queue`."""
+        return DEAD_KEY
+
+
+class ClusterLayout(KeyLayout):
+    """The keys on Redis Cluster: all of queue ``Q``'s in the hash slot of the tag ``{Q}``.
+
+    Every method refuses a queue name that would break the rule (see `check_queue`).
+    """
+
+    def list_key(self, queue: str, step: int) -> str:
+        """Return the key of `queue`'s list for `step`: ``Q`` for 0, else ``{Q}`` and kombu's suffix."""
+        return check_queue(queue) if step == 0 else "{" + check_queue(queue) + "}" + STEP_SUFFIXES[step]
+
+    def lists(self, queue: str) -> tuple[str, str, str, str]:
+        """Return the keys of `queue`'s four lists, most urgent step first."""
+        tagged = "{" + check_queue(queue) + "}"
+        return (queue, tagged + STEP_SUFFIXES[1], tagged + STEP_SUFFIXES[2], tagged + STEP_SUFFIXES[3])
+
+    def inflight_prefix(self, queue: str) -> str:
+        """Return ``celeriac.inflight.{Q}.``, which a consumer id follows."""
+        return INFLIGHT_PREFIX + "{" + check_queue(queue) + "}."
+
+    def inflight(self, consumer_id: str, queue: str) -> str:
+        """Return ``celeriac.inflight.{Q}.<consumer id>``."""
+        return self.inflight_prefix(queue) + consumer_id
+
+    def consumers(self, queue: str) -> str:
+        """Return ``celeriac.consumers.{Q}``."""
+        return CONSUMERS_KEY + ".{" + check_queue(queue) + "}"
+
+    def delayed(self, queue: str) -> str:
+        """Return ``celeriac.delayed.{Q}``."""
+        return DELAYED_PREFIX + "{" + check_queue(queue) + "}"
+
+    def dead(self, queue: str) -> str:
+        """Return ``celeriac.dead.{Q}``."""
+        return DEAD_KEY + ".{" + check_queue(queue) + "}"
+
+
+def check_queue(queue: str) -> str:
+    """Return `queue` if its keys can share one Redis Cluster hash slot.
+
+    Raises:
+        ImproperlyConfigured: The name is empty or holds a brace: Redis would hash its keys
+            by some other part of the name, or by the whole key.
+    """
+    if not queue or "{" in queue or "}" in queue:
+        raise ImproperlyConfigured(
+            f"the queue name {queue!r} cannot be used on Redis Cluster: celeriac keeps a queue's "
+            "keys in the hash slot of the tag {<queue>}, so a name must be non-empty and hold no '{' or '}'"
+        )
+    return queue
 
 
 def binding(queue: str) -> tuple[str, str]:
@@ -112,8 +210,13 @@ def parse_tag(tag: str) -> tuple[str, int] | None:
 
 
 def inflight_of(tag: str) -> str:
-    """Return the key of the in-flight list a tagged payload was leased into."""
+    """Return the key of the in-flight list a tagged payload was leased into (on one server)."""
     return INFLIGHT_PREFIX + tag.partition(TAG_SEP)[0]
+
+
+def consumer_of(tag: str) -> str:
+    """Return the consumer id a tag names (the whole tag if it is not one of ours)."""
+    return tag.partition(TAG_SEP)[0]
 
 
 # envelopes and records ------------------------------------------------------------------------

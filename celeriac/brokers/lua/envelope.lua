@@ -13,6 +13,11 @@
 --   celeriac.delayed.<queue>                 ZSET    payload -> eta (unix time) of parked messages
 --   celeriac.dead                            LIST    JSON dead-letter records, newest left
 --
+-- On Redis Cluster (redis_cluster.py) every key of queue Q shares the hash slot of the tag {Q}:
+-- Q, {Q}\x06\x163, {Q}\x06\x166, {Q}\x06\x169, celeriac.inflight.{Q}.<id>, celeriac.consumers.{Q},
+-- celeriac.delayed.{Q} and celeriac.dead.{Q}. Each script call is then about one queue, whose
+-- lists it is given among its KEYS (see inflight.lua), so no key is built from a payload.
+--
 -- Payloads are kombu envelopes (JSON). Scripts read them with cjson, but never write cjson's
 -- re-encoding back: it turns [] into {}, rounds big integers and reorders keys, so a Celery
 -- consumer could see a different message. Edits are splices into the original text instead.
