@@ -131,40 +131,47 @@ def group_key(group_id: str) -> str:
     return GROUP_KEY_PREFIX + group_id
 
 
-class _HeldConnections:
-    """Each thread keeps one connection out of a client's pool for the per-task commands.
+class _SpareConnections:
+    """Connections kept out of a client's pool for the per-task commands, shared by all threads.
 
     A store or a GET through redis-py's full machinery (pool checkout, retries, events,
-    metrics) costs as much again as the round trip itself. `run` sends one command on this
-    thread's own connection instead; whatever goes wrong, the connection is dropped and the
-    error raised, and callers fall back on the client's ordinary path, with its retries
-    (which is why only commands that may safely run twice go through here).
+    metrics) costs as much again as the round trip itself. `run` takes an idle connection
+    from a plain list (`list.pop` and `append` are atomic, so no lock is needed), sends one
+    command on it and puts it back; there are never more than the threads that ran a command
+    at the same moment, and none stays tied to a thread that has ended. Whatever goes wrong,
+    the connection is dropped and the error raised, and callers fall back on the client's
+    ordinary path, with its retries (which is why only commands that may safely run twice go
+    through here).
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._idle: list[tuple[redis.Redis, Any]] = []  # (client, redis-py connection)
 
     def run(self, client: redis.Redis, *args: bytes | str | int | float) -> Any:
         """Send one command and return its reply, as redis-py parses it."""
-        # No check that the held connection is still good before using it: that costs a
-        # system call per command, and a dead one fails the command, which the caller retries.
-        local = self._local
-        connection: Any = local.connection if getattr(local, "owner", None) is client else None
-        if connection is None:
-            connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
-            local.connection, local.owner = connection, client
+        # No check that the connection is still good before using it: that costs a system
+        # call per command, and a dead one fails the command, which the caller retries.
+        connection = self._take(client)
         try:
             connection.send_packed_command([_packed(args)])
-            return connection.read_response()
+            reply = connection.read_response()
         except BaseException:
-            self._drop(client, connection)
+            # Its state is unknown (a lost server, an unread reply): never use it again as it is.
+            connection.disconnect()
+            client.connection_pool.release(connection)
             raise
+        self._idle.append((client, connection))
+        return reply
 
-    def _drop(self, client: redis.Redis, connection: Any) -> None:
-        # Its state is unknown (a lost server, an unread reply): never use it again as it is.
-        connection.disconnect()
-        self._local.connection = self._local.owner = None
-        client.connection_pool.release(connection)
+    def _take(self, client: redis.Redis) -> Any:
+        while True:
+            try:
+                owner, connection = self._idle.pop()
+            except IndexError:
+                return client.connection_pool.get_connection()  # redis-py leaves it untyped
+            if owner is client:
+                return connection
+            owner.connection_pool.release(connection)  # an earlier client's, closed since
 
 
 def _packed(args: tuple[bytes | str | int | float, ...]) -> bytes:
@@ -176,7 +183,7 @@ def _packed(args: tuple[bytes | str | int | float, ...]) -> bytes:
     return b"".join(parts)
 
 
-# What sends a held connection's command back to the client's ordinary path (which loads a
+# What sends a spare connection's command back to the client's ordinary path (which loads a
 # missing script, and retries a lost connection).
 _FALL_BACK = (redis.ConnectionError, redis.TimeoutError, NoScriptError)
 
@@ -239,7 +246,7 @@ class RedisBackend(ResultBackend):
         self._translated = Translated(_ROLE, self._endpoint.redacted)
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
-        self._held = _HeldConnections()
+        self._spare = _SpareConnections()
         self._listener: Listener | None = None
         self._chord_add_script: Script | None = None
 
@@ -287,7 +294,7 @@ class RedisBackend(ResultBackend):
         # exist here, and another parent thread may have held the lock at the fork.
         self._lock = threading.Lock()
         self._connection = None
-        self._held = _HeldConnections()
+        self._spare = _SpareConnections()
         self._listener = None
         self._chord_add_script = None
 
@@ -301,7 +308,7 @@ class RedisBackend(ResultBackend):
                 connection = self._connect()
                 script = connection.store_script
                 try:
-                    self._held.run(connection.client, "EVALSHA", script.sha, 1, key, *args)
+                    self._spare.run(connection.client, "EVALSHA", script.sha, 1, key, *args)
                 except _FALL_BACK:
                     script(keys=[key], args=args)
             else:
@@ -330,7 +337,7 @@ class RedisBackend(ResultBackend):
         with self._translated:
             client = self._client()
             try:
-                document = self._held.run(client, "GET", key)
+                document = self._spare.run(client, "GET", key)
             except _FALL_BACK:
                 document = client.get(key)
         return document if isinstance(document, bytes) else None

@@ -249,6 +249,32 @@ def test_with_the_pickle_serializer_a_success_is_not_overwritten_either(make_bac
     assert backend.get_meta("t2")["status"] == states.FAILURE
 
 
+def test_threads_that_come_and_go_share_the_backends_connections(
+    backend: RedisBackend, raw: redis.Redis
+) -> None:
+    # Given a backend already in use, and how many connections the test database has
+    backend.store_result("warm", 0, states.SUCCESS)
+
+    def connections() -> int:
+        return sum(c["db"] == "10" and "subscribe" not in c["cmd"] for c in raw.client_list())
+
+    before = connections()
+
+    # When thirty short-lived threads, one after another, each store and read a result
+    def store_and_read(n: int) -> None:
+        backend.store_result(f"t{n}", n, states.SUCCESS)
+        assert backend.get_meta(f"t{n}")["result"] == n
+
+    for n in range(30):
+        thread = threading.Thread(target=store_and_read, args=(n,))
+        thread.start()
+        thread.join(GENEROUS_TIMEOUT)
+
+    # Then they reused the same connection: none is left behind by a thread that ended
+    assert connections() == before
+    assert [backend.get_meta(f"t{n}")["result"] for n in range(30)] == list(range(30))
+
+
 # waiting -----------------------------------------------------------------------------
 
 
