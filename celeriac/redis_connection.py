@@ -13,6 +13,10 @@ The URL forms, as Celery and kombu write them::
 the `Endpoint` it returns builds clients lazily (and again in a forked child). A `Role` says
 which of the two is asking: what messages call the server, which error to raise, and which
 transport options go to redis-py. No message ever shows a password (`redact`).
+
+Redis Cluster's URLs (``redis+cluster://``, celeriac's own) are read by `redis_cluster_connection`,
+which shares `Role`, `Translated` and `redact` with this module; `Translated` and `close_client`
+also know the cluster client's errors and connections.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import parse_url
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -33,6 +44,14 @@ from celeriac.exceptions import CeleriacError, ImproperlyConfigured
 
 DEFAULT_SENTINEL_PORT = 26379
 _PLAIN_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+# Errors that say the server (or a cluster's node for a slot) cannot serve now but may soon.
+_UNREACHABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +146,9 @@ class Translated:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        if isinstance(exc, _UNREACHABLE):
             raise self.role.unreachable(f"cannot reach the {self.role.noun} at {self.where}: {exc}") from exc
-        if isinstance(exc, redis.RedisError):
+        if isinstance(exc, redis.RedisError | RedisClusterException):
             raise self.role.failed(f"the {self.role.noun} at {self.where} failed: {exc}") from exc
 
 
@@ -181,8 +200,11 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def close_client(client: redis.Redis) -> None:
+def close_client(client: redis.Redis | RedisCluster) -> None:
     """Close a client's connections, and those to its Sentinels if a Sentinel made it."""
+    if isinstance(client, RedisCluster):
+        client.close()  # every node's client, and its pool with it
+        return
     client.close()
     pool = client.connection_pool
     pool.disconnect()

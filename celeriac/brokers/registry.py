@@ -26,6 +26,8 @@ BROKERS: dict[str, tuple[str, str]] = {
     "rediss": ("celeriac.brokers.redis", "RedisBroker"),
     "redis+socket": ("celeriac.brokers.redis", "RedisBroker"),
     "sentinel": ("celeriac.brokers.redis", "RedisBroker"),
+    "redis+cluster": ("celeriac.brokers.redis_cluster", "RedisClusterBroker"),
+    "rediss+cluster": ("celeriac.brokers.redis_cluster", "RedisClusterBroker"),
 }
 
 

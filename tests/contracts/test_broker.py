@@ -2,6 +2,7 @@
 
 Brokers are built through the registry from their URL, as the app builds them. Two
 broker objects on the same URL stand for two consumers (two workers) of one broker.
+"redis-cluster" runs them on a private Redis Cluster (tests/redis_cluster.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import redis
 from celeriac.brokers.base import Broker, Delivery, Outgoing
 from celeriac.brokers.memory import MemoryBroker
 from celeriac.brokers.redis import RedisBroker
+from celeriac.brokers.redis_cluster import RedisClusterBroker
 from celeriac.brokers.registry import DEFAULT_BROKER_URL, broker_class_for, create_broker
 from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Envelope, pack, unpack
 from tests.conftest import require_service
+
+pytest_plugins = ("tests.redis_cluster",)
 
 MakeBroker = Callable[..., Broker]
 T = TypeVar("T")
@@ -73,11 +77,13 @@ def _empty_test_database() -> None:
         client.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "redis":
         with redis_database() as url:
             yield url
+    elif request.param == "redis-cluster":
+        yield request.getfixturevalue("cluster_url")
     elif request.param == "memory":
         # A fresh memory store per test: brokers share a store only through its name.
         yield f"memory://contract-{uuid.uuid4().hex}"
@@ -654,6 +660,8 @@ def test_the_registry_picks_the_broker_class_by_url_scheme(tmp_path: Path) -> No
     assert broker_class_for(DEFAULT_BROKER_URL) is SQLiteBroker
     for url in ("redis://h:6379/0", "rediss://h/1", "redis+socket:///tmp/r.sock", "sentinel://h:26379"):
         assert broker_class_for(url) is RedisBroker
+    for url in ("redis+cluster://h:7000,h2:7001", "rediss+cluster://h"):
+        assert broker_class_for(url) is RedisClusterBroker
 
 
 @pytest.mark.parametrize("url", ["kafka://user:secret@host/", "celeriac.db"])
@@ -663,7 +671,10 @@ def test_an_unsupported_broker_url_is_refused_naming_the_supported_schemes(url: 
         create_broker(url)
 
     # Then the error lists what is supported and does not echo the URL's secrets
-    assert "memory, redis, redis+socket, rediss, sentinel, sqla+sqlite, sqlite" in str(refused.value)
+    assert (
+        "memory, redis, redis+cluster, redis+socket, rediss, rediss+cluster, sentinel, sqla+sqlite, sqlite"
+        in str(refused.value)
+    )
     assert "secret" not in str(refused.value)
 
 
