@@ -242,8 +242,7 @@ class RedisBackend(ResultBackend):
             # Celery would prefix every key and channel; ignoring it would silently
             # split us from Celery clients, so say so instead.
             raise ImproperlyConfigured("the Redis result backend does not support global_keyprefix yet")
-        self._endpoint = endpoint(url, options, _ROLE)
-        self._translated = Translated(_ROLE, self._endpoint.redacted)
+        self._translated = Translated(_ROLE, self._reach(url, options))
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
         self._spare = _SpareConnections()
@@ -251,6 +250,24 @@ class RedisBackend(ResultBackend):
         self._chord_add_script: Script | None = None
 
     # connections -----------------------------------------------------------------------
+    # `_reach`, `_new_client`, `_listener_client` and `_chord_key` are where the Redis Cluster
+    # backend (redis_cluster.py) differs.
+
+    def _reach(self, url: str, options: Mapping[str, Any]) -> str:
+        """Check `url` and the options, keep how to reach the server, and return the URL without passwords."""
+        self._endpoint = endpoint(url, options, _ROLE)
+        return self._endpoint.redacted
+
+    def _new_client(self, **overrides: Any) -> redis.Redis:
+        """Build a client of the server with `overrides` over the URL's options."""
+        return self._endpoint.connect(**overrides)
+
+    def _listener_client(self) -> redis.Redis:
+        """Build the listener's own client, without redis-py's silent reconnects.
+
+        The listener must see every lost connection, to tell its waiters to read the key again.
+        """
+        return self._endpoint.connect(retry=no_retry(), client_name=LISTENER_CLIENT_NAME)
 
     def _connect(self) -> _Connection:
         connection = self._connection
@@ -259,7 +276,7 @@ class RedisBackend(ResultBackend):
         with self._lock:
             if self._connection is None:
                 backoff = ExponentialBackoff(cap=_RETRY_BACKOFF_CAP, base=_RETRY_BACKOFF_BASE)
-                client = self._endpoint.connect(retry=Retry(backoff, _COMMAND_RETRIES))
+                client = self._new_client(retry=Retry(backoff, _COMMAND_RETRIES))
                 self._connection = _Connection(client, client.register_script(_STORE_UNLESS_SUCCESS))
             return self._connection
 
@@ -269,12 +286,7 @@ class RedisBackend(ResultBackend):
     def _shared_listener(self) -> Listener:
         with self._lock:
             if self._listener is None:
-                # Its own client, without redis-py's silent reconnects: the listener must
-                # see every lost connection, to tell its waiters to read the key again.
-                server = self._endpoint
-                self._listener = Listener(
-                    lambda: server.connect(retry=no_retry(), client_name=LISTENER_CLIENT_NAME)
-                )
+                self._listener = Listener(self._listener_client)
             return self._listener
 
     def close(self) -> None:
@@ -439,8 +451,12 @@ class RedisBackend(ResultBackend):
     # <group key>.s (size), .t (size adjustments), .j (ZSET of [1, task_id, state, result]
     # scored by group index), .d (SET of "task_id:index" seen), .c (claim: who sends the body).
 
+    def _chord_key(self, group_id: str) -> str:
+        """Return the stem of group `group_id`'s chord keys (``.s``, ``.j`` and the others follow it)."""
+        return group_key(group_id)
+
     def _chord_set_size(self, group_id: str, size: int) -> None:
-        key = group_key(group_id)
+        key = self._chord_key(group_id)
         with self._translated, self._client().pipeline(transaction=True) as pipe:
             pipe.delete(f"{key}.c")
             pipe.set(f"{key}.s", size, ex=_chord_ttl(self.expires))
@@ -453,7 +469,7 @@ class RedisBackend(ResultBackend):
         if isinstance(result, BaseException):
             result = encode_exception(result)
         entry = serializers.json_dumps([1, task_id, state, result])
-        key = group_key(group_id)
+        key = self._chord_key(group_id)
         keys = [f"{key}.j", f"{key}.d", f"{key}.s", f"{key}.t", f"{key}.c"]
         with self._translated:
             script = self._chord_script()
