@@ -225,7 +225,7 @@ class RedisBackend(ResultBackend):
         ImproperlyConfigured: The URL or an option is unusable.
     """
 
-    schemes = ("redis", "rediss", "redis+socket", "sentinel")
+    schemes: tuple[str, ...] = ("redis", "rediss", "redis+socket", "sentinel")
 
     def __init__(
         self,
