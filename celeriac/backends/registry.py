@@ -42,11 +42,24 @@ def _redis() -> type[ResultBackend]:
     return RedisBackend
 
 
+def _redis_cluster() -> type[ResultBackend]:
+    try:
+        from celeriac.backends.redis_cluster import RedisClusterBackend
+    except ImportError as exc:
+        missing = exc.name or "a client library"
+        raise ImproperlyConfigured(
+            f"The Redis Cluster result backend needs {missing}, which is not installed "
+            "(pip install 'celeriac[redis]')"
+        ) from exc
+    return RedisClusterBackend
+
+
 # Every scheme a backend answers to, with Celery's aliases (cache+memory, db+sqlite).
 _LOADERS: dict[tuple[str, ...], Callable[[], type[ResultBackend]]] = {
     ("memory", "cache+memory"): _memory,
     ("sqlite", "db+sqlite"): _sqlite,
     ("redis", "rediss", "redis+socket", "sentinel"): _redis,
+    ("redis+cluster", "rediss+cluster"): _redis_cluster,
 }
 
 
@@ -83,7 +96,8 @@ def create_backend(
     Args:
         url: For example ``memory://``, ``cache+memory://``, ``sqlite:///results.db``,
             ``db+sqlite:////abs/path.db``, ``redis://localhost:6379/0``, ``rediss://...``,
-            ``redis+socket:///path/redis.sock`` or ``sentinel://host:26379;sentinel://host2:26379``.
+            ``redis+socket:///path/redis.sock``, ``sentinel://host:26379;sentinel://host2:26379``
+            or ``redis+cluster://host:7000,host2:7001`` (Redis Cluster; ``rediss+cluster://`` for TLS).
             None, ``""`` and ``"disabled"`` mean no backend.
         serializer: `result_serializer`: name of the serializer for stored documents.
         expires: `result_expires`: seconds a ready result is kept; None keeps it forever.

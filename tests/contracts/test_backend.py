@@ -1,6 +1,7 @@
 """The contract every result backend keeps, run against each one.
 
 Backends are built through the registry from their URL, as the app builds them.
+"redis-cluster" runs them on a private Redis Cluster (tests/redis_cluster.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import pytest
 
 from celeriac import states
 from celeriac.backends.base import DEFAULT_EXPIRES, ResultBackend
+from celeriac.backends.redis import RedisBackend
 from celeriac.backends.registry import create_backend, supported_schemes
 from celeriac.backends.sqlite import SQLiteBackend
 from celeriac.exceptions import ImproperlyConfigured, ProtocolError, TimeoutError
 from celeriac.protocol.failures import decode_exception
+
+pytest_plugins = ("tests.redis_cluster",)
 
 MakeBackend = Callable[..., ResultBackend]
 
@@ -63,17 +67,19 @@ def require_redis(url: str = REDIS_URL) -> Any:
     return client
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "redis":
         require_redis().close()
         return REDIS_URL
+    if request.param == "redis-cluster":
+        return str(request.getfixturevalue("cluster_url"))
     return "memory://" if request.param == "memory" else _sqlite_url(tmp_path)
 
 
 def expires_keys_itself(backend: ResultBackend) -> bool:
     """Whether the store drops expired results on its own, leaving `cleanup()` nothing to do."""
-    return "redis" in type(backend).schemes
+    return isinstance(backend, RedisBackend)
 
 
 @pytest.fixture
