@@ -38,6 +38,7 @@ from celeriac.protocol import serializers
 from celeriac.protocol.failures import encode_exception
 from celeriac.protocol.serializers import JSON_TYPE
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
+from celeriac.redis_spare import SpareConnections
 
 TASK_KEY_PREFIX = "celery-task-meta-"
 GROUP_KEY_PREFIX = "celery-taskset-meta-"
@@ -131,58 +132,6 @@ def group_key(group_id: str) -> str:
     return GROUP_KEY_PREFIX + group_id
 
 
-class _SpareConnections:
-    """Connections kept out of a client's pool for the per-task commands, shared by all threads.
-
-    A store or a GET through redis-py's full machinery (pool checkout, retries, events,
-    metrics) costs as much again as the round trip itself. `run` takes an idle connection
-    from a plain list (`list.pop` and `append` are atomic, so no lock is needed), sends one
-    command on it and puts it back; there are never more than the threads that ran a command
-    at the same moment, and none stays tied to a thread that has ended. Whatever goes wrong,
-    the connection is dropped and the error raised, and callers fall back on the client's
-    ordinary path, with its retries (which is why only commands that may safely run twice go
-    through here).
-    """
-
-    def __init__(self) -> None:
-        self._idle: list[tuple[redis.Redis, Any]] = []  # (client, redis-py connection)
-
-    def run(self, client: redis.Redis, *args: bytes | str | int | float) -> Any:
-        """Send one command and return its reply, as redis-py parses it."""
-        # No check that the connection is still good before using it: that costs a system
-        # call per command, and a dead one fails the command, which the caller retries.
-        connection = self._take(client)
-        try:
-            connection.send_packed_command([_packed(args)])
-            reply = connection.read_response()
-        except BaseException:
-            # Its state is unknown (a lost server, an unread reply): never use it again as it is.
-            connection.disconnect()
-            client.connection_pool.release(connection)
-            raise
-        self._idle.append((client, connection))
-        return reply
-
-    def _take(self, client: redis.Redis) -> Any:
-        while True:
-            try:
-                owner, connection = self._idle.pop()
-            except IndexError:
-                return client.connection_pool.get_connection()  # redis-py leaves it untyped
-            if owner is client:
-                return connection
-            owner.connection_pool.release(connection)  # an earlier client's, closed since
-
-
-def _packed(args: tuple[bytes | str | int | float, ...]) -> bytes:
-    """One command in RESP, as redis-py would pack it (bulk strings; str is UTF-8, numbers as text)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else (arg if isinstance(arg, str) else repr(arg)).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
-    return b"".join(parts)
-
-
 # What sends a spare connection's command back to the client's ordinary path (which loads a
 # missing script, and retries a lost connection).
 _FALL_BACK = (redis.ConnectionError, redis.TimeoutError, NoScriptError)
@@ -245,7 +194,7 @@ class RedisBackend(ResultBackend):
         self._translated = Translated(_ROLE, self._reach(url, options))
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
-        self._spare = _SpareConnections()
+        self._spare = SpareConnections()
         self._listener: Listener | None = None
         self._chord_add_script: Script | None = None
 
@@ -306,7 +255,7 @@ class RedisBackend(ResultBackend):
         # exist here, and another parent thread may have held the lock at the fork.
         self._lock = threading.Lock()
         self._connection = None
-        self._spare = _SpareConnections()
+        self._spare = SpareConnections()
         self._listener = None
         self._chord_add_script = None
 

@@ -38,7 +38,6 @@ Needs Redis 6.2 or later (LMOVE, BLMOVE with a fractional timeout).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -72,6 +71,7 @@ from celeriac.brokers.redis_ledger import Ledger
 from celeriac.exceptions import BrokerError, OperationalError
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
 from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
+from celeriac.redis_spare import SpareConnections
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class RedisBroker(Broker):
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
-        self._held = threading.local()  # this thread's connection for `_send`
+        self._spare = SpareConnections()  # out of the pool, for publish and ack
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
@@ -193,7 +193,7 @@ class RedisBroker(Broker):
         self._lock = threading.Lock()
         self._main = self._fetcher = None
         self._opened = []
-        self._held = threading.local()
+        self._spare = SpareConnections()  # the parent's, never closed here
         self._take_own_consumer_id()
         self._consumer_changed()  # the parent's ledger (and its lock) are the parent's
 
@@ -202,9 +202,7 @@ class RedisBroker(Broker):
         if self._pid != os.getpid():
             self._forget_parent()
             return
-        if getattr(self._held, "unread", None) is not None:
-            with contextlib.suppress(OperationalError):
-                self._held_connection()  # reads the last ack's reply, sending it again if lost
+        self._spare.close()  # confirms the last acks first
         with self._lock:
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
@@ -252,88 +250,20 @@ class RedisBroker(Broker):
         self._declared |= fresh
 
     def _send(self, *args: Arg) -> Any:
-        """Run one command on this thread's held connection and return its reply.
+        """Run one command on a spare connection and return its reply.
 
         redis-py's retries, events and metrics cost about as much as the round trip itself,
-        and the calls on the per-task path (one publish, one ack) need none of them: a
-        failure is raised as OperationalError for the caller's own retry policy.
+        and a publish needs none of them: a failure is raised as OperationalError for the
+        caller's own retry policy. The connection is checked first, so a command is never
+        written into a socket the server has closed (and then sent twice by a retry).
         """
-        connection = self._held_connection()
         with self._translated:
-            try:
-                connection.send_command(*args)
-                return connection.read_response()
-            except BaseException:
-                self._drop_held(connection)
-                raise
+            return self._spare.run(self._client(), *args, check=True)
 
     def _send_unread(self, *args: Arg) -> None:
-        """Send one command whose reply is read later, before this thread's next command.
-
-        Used for acks: the command is on its way to Redis (in order, on one connection) when
-        this returns, so the task can start without waiting a round trip for the reply. At
-        most one reply is ever left unread, so a process that dies leaves no unread reply
-        but for a command Redis has already run.
-        """
-        connection = self._held_connection()
+        """Send one command that may safely run twice, its reply read later (see `SpareConnections`)."""
         with self._translated:
-            try:
-                connection.send_command(*args)
-            except BaseException:
-                self._drop_held(connection)
-                raise
-        self._held.unread = args
-
-    def _held_connection(self) -> Any:
-        """This thread's connection for `_send`, with any reply left unread read first.
-
-        Each thread keeps one connection out of the pool: taking it from and returning it to
-        the pool costs as much as the command on the per-task path.
-        """
-        client = self._client()
-        held = self._held
-        connection: Any = held.connection if getattr(held, "owner", None) is client else None
-        unread: tuple[Arg, ...] | None = getattr(held, "unread", None)
-        if connection is not None and unread is not None:
-            held.unread = None
-            try:
-                with self._translated:
-                    connection.read_response()
-                return connection
-            except OperationalError:
-                # The reply of an earlier ack was lost with the connection: the ack may not
-                # have run, so send it again on a fresh one (LREM of a gone payload does nothing).
-                self._drop_held(connection)
-                connection = self._fresh_held(client)
-                with self._translated:
-                    try:
-                        connection.send_command(*unread)
-                        connection.read_response()
-                    except BaseException:
-                        self._drop_held(connection)
-                        raise
-                return connection
-        if connection is not None and _stale(connection):
-            # The server closed it (a restart) or left a reply unread: the check the pool's
-            # get_connection makes, which a held connection skips. Take a fresh one.
-            self._drop_held(connection)
-            connection = None
-        return connection if connection is not None else self._fresh_held(client)
-
-    def _fresh_held(self, client: redis.Redis) -> Any:
-        with self._translated:
-            connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
-        self._held.connection, self._held.owner = connection, client
-        return connection
-
-    def _drop_held(self, connection: Any) -> None:
-        """Forget a connection in an unknown state: never use it again as it is."""
-        connection.disconnect()
-        held = self._held
-        owner = getattr(held, "owner", None)
-        held.connection = held.owner = held.unread = None
-        if owner is not None:
-            owner.connection_pool.release(connection)
+            self._spare.send(self._client(), *args)
 
     # consuming -------------------------------------------------------------------------
 
@@ -356,6 +286,8 @@ class RedisBroker(Broker):
         """
         if limit <= 0 or not queues:
             return []
+        with self._translated:
+            self._spare.settle()  # the last acks are confirmed before any wait
         if self._pid != os.getpid():
             self._forget_parent()
         names = tuple(dict.fromkeys(queues))
@@ -676,14 +608,6 @@ class RedisBroker(Broker):
 
 
 # helpers ----------------------------------------------------------------------------------
-
-
-def _stale(connection: Any) -> bool:
-    """Whether a connection kept out of the pool has pending data or a closed socket."""
-    try:
-        return bool(connection.can_read())
-    except (redis.ConnectionError, OSError):
-        return True
 
 
 def _command(client: redis.Redis | Pipeline, *args: Arg) -> Any:

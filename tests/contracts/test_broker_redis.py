@@ -440,6 +440,25 @@ def test_an_ack_whose_reply_was_lost_with_its_connection_is_sent_again(
     eventually(lambda: raw.llen(inflight(broker)) == 0)
 
 
+def test_threads_that_publish_and_end_leave_no_connections_behind(
+    make_broker: MakeBroker, raw: redis.Redis
+) -> None:
+    # Given a broker whose connections carry a name of their own
+    name = f"celeriac-test-{time.monotonic_ns()}"
+    broker = make_broker(client_name=name)
+
+    # When thirty short-lived threads publish one message each, one after another
+    for index in range(30):
+        thread = threading.Thread(target=broker.publish_one, args=(QUEUE, b"m%d" % index))
+        thread.start()
+        thread.join()
+
+    # Then every message arrived over a connection that was handed on, not one kept per thread
+    assert raw.llen(QUEUE) == 30
+    named = [client for client in raw.client_list() if client.get("name") == name]
+    assert 1 <= len(named) <= 2
+
+
 def _ack_in_forked_child(broker: RedisBroker, delivery: Delivery, parent_id: str) -> None:
     broker.reset_after_fork()  # what the prefork pool does first in every child
     broker.ack([delivery])
