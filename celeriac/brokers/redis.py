@@ -329,10 +329,11 @@ class RedisBroker(Broker):
         pause = min(max(remaining, 0.01), WAIT_SLICE)
         inflight = self.layout.inflight(consumer_id, queue)
         landed = _command(self._fetch_client(), "BLMOVE", queue, inflight, "RIGHT", "LEFT", pause)
-        found = [] if landed is None else [self._delivery(tag_prefix(consumer_id, 0), queue, bytes(landed))]
-        if len(found) < limit:
-            found += self._take(names, limit - len(found))
-        return found
+        if landed is not None:
+            # Handed over at once: an idle worker's next task should not wait another round
+            # trip; the consumer's next fetch takes whatever else has arrived.
+            return [self._delivery(tag_prefix(consumer_id, 0), queue, bytes(landed))]
+        return self._take(names, limit)
 
     def _queue_keys(self, order: tuple[str, ...]) -> list[str]:
         keys = self._fetch_keys.get(order)
