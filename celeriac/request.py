@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 _FIELDS: dict[str, Any] = {
@@ -67,6 +66,13 @@ class Request:
     called_directly: bool
     shadow: Any
 
+    @classmethod
+    def of(cls, fields: dict[str, Any]) -> Request:
+        """A request whose attributes are `fields`, taken as they are: it must name every field."""
+        request = cls.__new__(cls)
+        request.__dict__ = fields
+        return request
+
     def __init__(self, values: Mapping[str, Any] | None = None, **fields: Any) -> None:
         self.__dict__.update(_FIELDS)
         if values:
@@ -93,11 +99,11 @@ def current_request() -> Request | None:
     return _running.get()
 
 
-@contextmanager
-def running(request: Request) -> Iterator[Request]:
-    """Make `request` the current one for the duration of a task run."""
-    token = _running.set(request)
-    try:
-        yield request
-    finally:
-        _running.reset(token)
+def enter(request: Request) -> contextvars.Token[Request | None]:
+    """Make `request` the current one; hand the token to `leave` when the run ends."""
+    return _running.set(request)
+
+
+def leave(token: contextvars.Token[Request | None]) -> None:
+    """Restore the request that was current before `enter`."""
+    _running.reset(token)

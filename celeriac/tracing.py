@@ -13,7 +13,7 @@ from celeriac import states
 from celeriac.canvas import complete_chord_part, send_errbacks, send_followups
 from celeriac.exceptions import Ignore, ProtocolError, Reject, Retry
 from celeriac.protocol.message import short_repr
-from celeriac.request import Request, running
+from celeriac.request import Request, enter, leave
 
 if TYPE_CHECKING:
     from celeriac.backends.base import ResultBackend
@@ -69,19 +69,22 @@ class Tracer:
     def run(self, request: Request, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outcome:
         """Run the task for `request` and return its outcome."""
         started = time.perf_counter()
-        with running(request):
-            try:
-                self.task.before_start(request.id, args, kwargs)
-                value = self.task(*args, **kwargs)
-            except Retry as signal:
-                return self._retried(request, signal, started)
-            except Ignore:
-                return Outcome(states.IGNORED, None, time.perf_counter() - started)
-            except Reject as reject:
-                return Outcome(states.REJECTED, reject, time.perf_counter() - started, None, reject.requeue)
-            except Exception as exc:
-                return self._failed(request, exc, started)
+        token = enter(request)  # by hand, not `with running(...)`: this runs once per task
+        try:
+            self.task.before_start(request.id, args, kwargs)
+            value = self.task(*args, **kwargs)
+        except Retry as signal:
+            return self._retried(request, signal, started)
+        except Ignore:
+            return Outcome(states.IGNORED, None, time.perf_counter() - started)
+        except Reject as reject:
+            return Outcome(states.REJECTED, reject, time.perf_counter() - started, None, reject.requeue)
+        except Exception as exc:
+            return self._failed(request, exc, started)
+        else:
             return self._succeeded(request, value, started)
+        finally:
+            leave(token)
 
     def _store(self, request: Request, value: Any, state: str, trace: str | None = None) -> None:
         if self.backend is None or request.id is None:

@@ -29,33 +29,36 @@ def build_request(job: Job, task: Task[Any, Any]) -> Request:
     message = job.message
     headers = message.headers
     embed = message.embed
-    return Request(
-        id=message.id,
-        task=task.name,
-        args=tuple(message.args),
-        kwargs=dict(message.kwargs),
-        retries=message.retries,
-        eta=headers.get("eta"),
-        expires=headers.get("expires"),
-        hostname=job.hostname,
-        delivery_info=job.delivery_info,
-        root_id=headers.get("root_id"),
-        parent_id=headers.get("parent_id"),
-        group=headers.get("group"),
-        group_index=headers.get("group_index"),
-        origin=headers.get("origin"),
-        shadow=headers.get("shadow"),
-        reply_to=message.properties.get("reply_to"),
-        correlation_id=message.properties.get("correlation_id") or message.id,
-        timelimit=(job.hard_limit, job.soft_limit),
-        callbacks=embed.get("callbacks"),
-        errbacks=embed.get("errbacks"),
-        chain=embed.get("chain"),
-        chord=embed.get("chord"),
-        headers=dict(headers),
-        ignore_result=bool(headers.get("ignore_result")),
-        is_eager=False,
-        called_directly=False,
+    get = headers.get
+    return Request.of(
+        {
+            "id": message.id,
+            "task": task.name,
+            "args": tuple(message.args),
+            "kwargs": dict(message.kwargs),
+            "retries": int(get("retries") or 0),
+            "eta": get("eta"),
+            "expires": get("expires"),
+            "hostname": job.hostname,
+            "delivery_info": job.delivery_info,
+            "root_id": get("root_id"),
+            "parent_id": get("parent_id"),
+            "group": get("group"),
+            "group_index": get("group_index"),
+            "origin": get("origin"),
+            "shadow": get("shadow"),
+            "reply_to": message.properties.get("reply_to"),
+            "correlation_id": message.properties.get("correlation_id") or message.id,
+            "timelimit": (job.hard_limit, job.soft_limit),
+            "callbacks": embed.get("callbacks"),
+            "errbacks": embed.get("errbacks"),
+            "chain": embed.get("chain"),
+            "chord": embed.get("chord"),
+            "headers": dict(headers),
+            "ignore_result": bool(get("ignore_result")),
+            "is_eager": False,
+            "called_directly": False,
+        }
     )
 
 
@@ -113,11 +116,12 @@ def _run(app: Celery, job: Job, task: Task[Any, Any]) -> Completion:
     if backend is not None and _tracks_started(app, task) and not ignored:
         backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
     outcome = Tracer(task, backend).run(request, request.args, request.kwargs)
+    quiet = outcome.state == states.SUCCESS and not logger.isEnabledFor(logging.INFO)
     return Completion(
         job.key,
         outcome.state,
         outcome.runtime,
-        outcome.summary,
+        "" if quiet else outcome.summary,  # a repr costs; a success is logged only at info
         outcome.traceback,
         requeue=outcome.reject_requeue,
     )

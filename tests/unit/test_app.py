@@ -608,3 +608,34 @@ def test_group_members_carry_the_group_id_their_index_and_their_own_ids(app: Cel
             assert (headers["group"], headers["group_index"]) == (result.id, index)
             assert headers["root_id"] == member.id and headers["parent_id"] is None
             assert (list(message.args), dict(message.kwargs)) == (args, kwargs)
+
+
+def test_the_workers_request_names_every_field_a_request_has() -> None:
+    # Given a message of a task, as a worker receives it
+    from celeriac.request import _FIELDS
+    from celeriac.worker.consumer import Policy, make_job
+    from celeriac.worker.execution import build_request
+
+    app = Celery("fields", broker="memory://")
+
+    @app.task(name="fields.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    app.send_task("fields.add", (2, 3), expires=60)
+    [delivery] = app.broker.fetch(["celery"], 1, timeout=1)
+    message = decode_task(unpack(delivery.payload), app.accept_content)
+
+    # When the worker builds the task's request
+    job = make_job(1, delivery, message, Policy.of(app, add), "node@host")
+    request = build_request(job, add)
+
+    # Then it has exactly the fields of a Request, with the message's values
+    assert set(request.as_dict()) == set(_FIELDS)
+    assert (request.id, request.task, request.args, request.hostname) == (
+        message.id,
+        "fields.add",
+        (2, 3),
+        "node@host",
+    )
+    assert request.expires is not None and request.called_directly is False

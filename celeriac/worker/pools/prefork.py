@@ -64,6 +64,8 @@ class _ChildPool(SoloPool):
         self._slot.begin(job.delivery, job.hard_limit)
         self.running_since = time.monotonic()
         try:
+            if job.soft_limit is None:
+                return execute_safely(self.app, job)
             # The soft limit is raised here; the hard one is the parent's to enforce by killing.
             with alarm_limits(job.soft_limit, job.hard_limit, hard_in_process=False):
                 return execute_safely(self.app, job)

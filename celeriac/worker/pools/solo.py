@@ -39,6 +39,8 @@ class SoloPool(Pool):
 
     def run(self, job: Job) -> Completion:
         """Run one job here, its hard limit raised in this process (no parent watches it)."""
+        if job.soft_limit is None and job.hard_limit is None:
+            return execute_safely(self.app, job)
         with alarm_limits(job.soft_limit, job.hard_limit, hard_in_process=True):
             return execute_safely(self.app, job)
 
