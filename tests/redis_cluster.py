@@ -50,7 +50,7 @@ class PrivateCluster:
             finally:
                 client.close()
 
-    def keys(self) -> set[bytes]:
+    def all_keys(self) -> set[bytes]:
         """Every key on every node."""
         found: set[bytes] = set()
         for port in self.ports:
