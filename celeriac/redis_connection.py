@@ -146,10 +146,21 @@ class Translated:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if isinstance(exc, _UNREACHABLE):
+        if exc is not None and _unreachable(exc):
             raise self.role.unreachable(f"cannot reach the {self.role.noun} at {self.where}: {exc}") from exc
         if isinstance(exc, redis.RedisError | RedisClusterException):
             raise self.role.failed(f"the {self.role.noun} at {self.where} failed: {exc}") from exc
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the server (or a cluster's nodes) cannot serve now, though it may soon."""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    # Redis Cluster's client raises its own exception, not a RedisError, when it cannot
+    # rebuild its slot map: no node answered, or those that did leave slots unserved.
+    return isinstance(exc, RedisClusterException) and (
+        isinstance(exc.__cause__, _UNREACHABLE) or "not covered" in str(exc)
+    )
 
 
 def endpoint(url: str, options: Mapping[str, Any], role: Role) -> Endpoint:

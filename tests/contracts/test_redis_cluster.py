@@ -23,6 +23,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 
 from celeriac import states
 from celeriac.backends.redis import LISTENER_CLIENT_NAME
@@ -33,7 +34,7 @@ from celeriac.brokers.redis_cluster import RedisClusterBroker
 from celeriac.exceptions import BackendError, ImproperlyConfigured, OperationalError
 from celeriac.protocol.message import Envelope, pack, unpack
 from celeriac.redis_cluster_connection import cluster_endpoint
-from celeriac.redis_connection import Role
+from celeriac.redis_connection import Role, Translated
 from tests.conftest import wait_until
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, not here: see pytest_plugins
@@ -486,6 +487,37 @@ def test_an_unreachable_cluster_raises_the_roles_error_without_the_password() ->
         assert "s3cret" not in str(failure.value)
     broker.close()
     backend.close()
+
+
+def _cannot_connect() -> RedisClusterException:
+    try:
+        raise redis.ConnectionError("Connection refused")
+    except redis.ConnectionError as lost:
+        try:
+            raise RedisClusterException("Redis Cluster cannot be connected") from lost
+        except RedisClusterException as exc:
+            return exc
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (_cannot_connect(), OperationalError),
+        (RedisClusterException("All slots are not covered after query all startup_nodes."), OperationalError),
+        (SlotNotCoveredError('Slot "3213" is not covered by the cluster.'), OperationalError),
+        (ClusterDownError("The cluster is down"), OperationalError),
+        (RedisClusterException("LPUSH - all keys must map to the same key slot"), BackendError),
+    ],
+)
+def test_the_cluster_clients_own_errors_of_an_outage_say_unreachable_and_others_failed(
+    error: Exception, raised: type[Exception]
+) -> None:
+    # Given an error the cluster client raises (what a worker must ride out, or a plain failure),
+    # when it passes through the translation every broker and backend call makes,
+    # then it becomes the role's "unreachable" error only when the cluster may come back
+    with pytest.raises(raised) as translated, Translated(ROLE, "redis+cluster://h:1"):
+        raise error
+    assert translated.type is raised
 
 
 def test_a_cluster_url_naming_a_server_not_in_cluster_mode_is_refused(tmp_path: Path) -> None:
