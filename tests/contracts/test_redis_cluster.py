@@ -407,7 +407,14 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
     backend = make_backend()
     backend.get_meta("warm-up")  # the cluster client now knows every node
     outcome: dict[str, Any] = {}
-    waiter = threading.Thread(target=lambda: outcome.update(meta=backend.wait("t1", GENEROUS_TIMEOUT, 1.0)))
+
+    def wait() -> None:
+        try:
+            outcome["meta"] = backend.wait("t1", GENEROUS_TIMEOUT, 1.0)
+        except BaseException as exc:  # surfaced by the assertion below
+            outcome["meta"] = exc
+
+    waiter = threading.Thread(target=wait)
     waiter.start()
     [(port, connection)] = eventually(
         lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"]
@@ -423,6 +430,7 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
     assert moved_to != port
     backend.store_result("t1", "after the move", states.SUCCESS)
     waiter.join(GENEROUS_TIMEOUT)
+    assert not isinstance(outcome["meta"], BaseException), outcome["meta"]
     assert outcome["meta"]["result"] == "after the move"
 
 
@@ -520,10 +528,12 @@ def test_the_cluster_clients_own_errors_of_an_outage_say_unreachable_and_others_
     assert translated.type is raised
 
 
-def test_a_cluster_url_naming_a_server_not_in_cluster_mode_is_refused(tmp_path: Path) -> None:
-    # Given a private Redis server that is not in cluster mode
+def test_a_cluster_url_naming_a_server_not_in_cluster_mode_is_refused(
+    redis_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    # Given a private Redis server that is not in cluster mode (started like the cluster's nodes)
     server = shutil.which("redis-server")
-    assert server is not None  # the session's cluster was started with it
+    assert server is not None
     port = _free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
