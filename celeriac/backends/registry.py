@@ -2,13 +2,14 @@
 
 Implementations are imported only when their scheme is asked for, so a backend's
 client library (redis, psycopg) is needed only by those who use it. To add a backend,
-write a loader below and add an entry to `_LOADERS`.
+add an entry to `_BACKENDS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celeriac.backends.base import DEFAULT_EXPIRES, ResultBackend
@@ -18,54 +19,19 @@ from celeriac.protocol import serializers
 DISABLED = frozenset({"", "disabled"})
 
 
-def _memory() -> type[ResultBackend]:
-    from celeriac.backends.memory import MemoryBackend
-
-    return MemoryBackend
-
-
-def _sqlite() -> type[ResultBackend]:
-    from celeriac.backends.sqlite import SQLiteBackend
-
-    return SQLiteBackend
-
-
-def _redis() -> type[ResultBackend]:
-    try:
-        from celeriac.backends.redis import RedisBackend
-    except ImportError as exc:
-        missing = exc.name or "a client library"
-        raise ImproperlyConfigured(
-            f"The Redis result backend needs {missing}, which is not installed "
-            "(pip install 'celeriac[redis]')"
-        ) from exc
-    return RedisBackend
-
-
-def _redis_cluster() -> type[ResultBackend]:
-    try:
-        from celeriac.backends.redis_cluster import RedisClusterBackend
-    except ImportError as exc:
-        missing = exc.name or "a client library"
-        raise ImproperlyConfigured(
-            f"The Redis Cluster result backend needs {missing}, which is not installed "
-            "(pip install 'celeriac[redis]')"
-        ) from exc
-    return RedisClusterBackend
-
-
-# Every scheme a backend answers to, with Celery's aliases (cache+memory, db+sqlite).
-_LOADERS: dict[tuple[str, ...], Callable[[], type[ResultBackend]]] = {
-    ("memory", "cache+memory"): _memory,
-    ("sqlite", "db+sqlite"): _sqlite,
-    ("redis", "rediss", "redis+socket", "sentinel"): _redis,
-    ("redis+cluster", "rediss+cluster"): _redis_cluster,
+# Every scheme a backend answers to, with Celery's aliases (cache+memory, db+sqlite):
+# (module, class name, what `pip install` adds its client library, if anything).
+_BACKENDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("memory", "cache+memory"): ("celeriac.backends.memory", "MemoryBackend", ""),
+    ("sqlite", "db+sqlite"): ("celeriac.backends.sqlite", "SQLiteBackend", ""),
+    ("redis", "rediss", "redis+socket", "sentinel"): ("celeriac.backends.redis", "RedisBackend", "redis"),
+    ("redis+cluster", "rediss+cluster"): ("celeriac.backends.redis_cluster", "RedisClusterBackend", "redis"),
 }
 
 
 def supported_schemes() -> list[str]:
     """Return every URL scheme `create_backend` understands, sorted."""
-    return sorted(scheme for schemes in _LOADERS for scheme in schemes)
+    return sorted(scheme for schemes in _BACKENDS for scheme in schemes)
 
 
 def url_scheme(url: str) -> str:
@@ -74,13 +40,24 @@ def url_scheme(url: str) -> str:
     return (scheme if separator else url).strip().lower()
 
 
-def _loader(scheme: str) -> Callable[[], type[ResultBackend]]:
-    for schemes, loader in _LOADERS.items():
-        if scheme in schemes:
-            return loader
-    raise ImproperlyConfigured(
-        f"unknown result backend scheme {scheme!r}; supported schemes: {', '.join(supported_schemes())}"
-    )
+def _backend_class(scheme: str) -> type[ResultBackend]:
+    """Import and return the backend class serving `scheme`."""
+    entry = next((found for schemes, found in _BACKENDS.items() if scheme in schemes), None)
+    if entry is None:
+        raise ImproperlyConfigured(
+            f"unknown result backend scheme {scheme!r}; supported schemes: {', '.join(supported_schemes())}"
+        )
+    module_name, class_name, extra = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or "a client library"
+        hint = f" (pip install 'celeriac[{extra}]')" if extra else ""
+        raise ImproperlyConfigured(
+            f"The {scheme}:// result backend needs {missing}, which is not installed{hint}"
+        ) from exc
+    backend_class: type[ResultBackend] = getattr(module, class_name)
+    return backend_class
 
 
 def create_backend(
@@ -115,7 +92,7 @@ def create_backend(
     """
     if url is None or url.strip().lower() in DISABLED:
         return None
-    backend_class = _loader(url_scheme(url))()
+    backend_class = _backend_class(url_scheme(url))
     accepted = None if accept is None else serializers.content_types(accept)
     extra: dict[str, Any] = {"options": options} if options and _takes_options(backend_class) else {}
     return backend_class(url, serializer=serializer, expires=expires, accept=accepted, **extra)
