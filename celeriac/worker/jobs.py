@@ -11,7 +11,7 @@ from celeriac.protocol.message import TaskMessage
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs microseconds per task to build
 class Job:
-    """One task run to perform; picklable, so it crosses into a prefork child.
+    """One task run to perform, built by the consumer of the process that runs it.
 
     `delivery` is the leased message: the process that runs the job acks it (just before
     the task starts, or after it ends with `acks_late`).
@@ -42,5 +42,4 @@ class Completion:
     summary: str
     traceback: str | None = None
     requeue: bool = False
-    worker_lost: bool = False
     settled: bool = True

@@ -106,6 +106,4 @@ def lost_completion(app: Celery, job: Job, runtime: float, detail: str, requeue:
     error = WorkerLostError(f"Worker exited prematurely: {detail}.")
     if not requeue:
         record_failure(app, job, error)
-    return Completion(
-        job.key, states.FAILURE, runtime, repr(error), requeue=requeue, worker_lost=True, settled=False
-    )
+    return Completion(job.key, states.FAILURE, runtime, repr(error), requeue=requeue, settled=False)

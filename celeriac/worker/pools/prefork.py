@@ -188,16 +188,21 @@ class PreforkPool:
 
     def _bury(self, child: _Child, *, over_limit: bool) -> None:
         """Settle what a dead child was running, return its other messages, and replace it."""
-        child.process.join()
-        with self._lock:
-            self._children.remove(child)
-        running = child.slot.read()
-        child.slot.close()
+        running = self._forget(child)
         if running is not None:
             self._report(child, running, over_limit)
         self._reclaim(child)
         if not self._stopping:
             self._spawn()
+
+    def _forget(self, child: _Child) -> Running | None:
+        """Reap a stopped child and drop it; return what it was running, if anything."""
+        child.process.join()
+        with self._lock:
+            self._children.remove(child)
+        running = child.slot.read()
+        child.slot.close()
+        return running
 
     def _report(self, child: _Child, running: Running, over_limit: bool) -> None:
         delivery = running.delivery
@@ -274,10 +279,7 @@ class PreforkPool:
         for child in children:
             child.process.kill()
         for child in children:
-            child.process.join()
-            with self._lock:
-                self._children.remove(child)
-            child.slot.close()
+            self._forget(child)  # what it ran goes back with the rest: a cold stop settles nothing
             self._reclaim(child)
 
 
