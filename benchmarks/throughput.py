@@ -27,12 +27,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from celeriac.testing import ProcessExited, WatchedProcess
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,39 +51,14 @@ class BenchError(Exception):
 # the worker --------------------------------------------------------------------------------
 
 
-class Worker:
+class Worker(WatchedProcess):
     """One worker subprocess; its merged output is collected by a thread, so its pipe never fills."""
 
     def __init__(self, argv: Sequence[str], cwd: Path, env: dict[str, str]) -> None:
-        self.argv = list(argv)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._closed = False
         self.cpu_before = _children_cpu()
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            self.argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self._reader = threading.Thread(target=self._read, name="worker-output", daemon=True)
-        self._reader.start()
         self.cpu_seconds: float | None = None
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        super().__init__(argv, cwd, env)
 
     def wait_ready(self, last_banner_line: str, timeout: float) -> float:
         """Wait for the banner's last line (the last task name) and return when it came.
@@ -90,23 +66,16 @@ class Worker:
         At loglevel WARNING the worker logs no "ready." line; its banner is written once the
         pool has started and the consumer is built, right before it starts fetching.
         """
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                if last_banner_line in self.lines[seen:]:
-                    return time.perf_counter()
-                seen = len(self.lines)
-                if self._closed:
-                    raise BenchError(f"the worker exited before it was ready:\n{self.output()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BenchError(f"the worker was not ready within {timeout:.0f} s:\n{self.output()}")
-                self._changed.wait(remaining)
+        try:
+            self.wait_for_line(lambda line: line == last_banner_line, timeout)
+        except ProcessExited:
+            raise BenchError(f"the worker exited before it was ready:\n{self.output()}") from None
+        except TimeoutError:
+            raise BenchError(f"the worker was not ready within {timeout:.0f} s:\n{self.output()}") from None
+        return time.perf_counter()
 
     def output(self) -> str:
-        with self._changed:
-            return "\n".join(f"  worker | {line}" for line in self.lines)
+        return "\n".join(f"  worker | {line}" for line in self.snapshot())
 
     def stop(self) -> int:
         """Warm shutdown (SIGTERM); return the exit status and note the worker tree's CPU time."""
@@ -115,7 +84,7 @@ class Worker:
             status = self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"the worker did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM") from exc
-        self._reader.join(5)
+        self.join_output()
         self.cpu_seconds = _children_cpu() - self.cpu_before
         return status
 
@@ -123,7 +92,7 @@ class Worker:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        self._reader.join(5)
+        self.join_output()
 
 
 def _children_cpu() -> float:

@@ -20,11 +20,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from celeriac.testing import ProcessExited, WatchedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = Path(__file__).resolve().parent / "guide"
@@ -46,58 +47,18 @@ class DemoFailed(Exception):
     """A step did not go as the guide says."""
 
 
-class WorkerProcess:
+class WorkerProcess(WatchedProcess):
     """A worker subprocess whose merged stdout and stderr are collected line by line."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: dict[str, str]) -> None:
-        self.argv = list(argv)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._closed = False
-        self.process = subprocess.Popen(
-            self.argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self._reader = threading.Thread(target=self._read, name="worker-output", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def wait_for_line(self, matches: Callable[[str], bool], timeout: float, what: str, start: int = 0) -> int:
+    def wait_until(self, matches: Callable[[str], bool], timeout: float, what: str, start: int = 0) -> int:
         """Return the index of the first line from `start` on that `matches`; fail after `timeout`."""
-        deadline = time.monotonic() + timeout
-        seen = start
-        with self._changed:
-            while True:
-                for index in range(seen, len(self.lines)):
-                    if matches(self.lines[index]):
-                        return index
-                seen = len(self.lines)
-                if self._closed:
-                    self._changed.wait(0.5)  # let the exit status settle
-                    raise DemoFailed(f"the worker exited (status {self.process.poll()}) before {what}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DemoFailed(f"no sign of {what} from the worker within {timeout:.0f} s")
-                self._changed.wait(remaining)
-
-    def snapshot(self) -> list[str]:
-        with self._changed:
-            return list(self.lines)
+        try:
+            return self.wait_for_line(matches, timeout, start)
+        except ProcessExited:
+            self.process.wait(5)  # let the exit status settle
+            raise DemoFailed(f"the worker exited (status {self.process.poll()}) before {what}") from None
+        except TimeoutError:
+            raise DemoFailed(f"no sign of {what} from the worker within {timeout:.0f} s") from None
 
     def stop(self, timeout: float) -> int:
         """Ask for a warm shutdown (SIGTERM) and return the exit status."""
@@ -169,7 +130,7 @@ def start_worker(env: dict[str, str]) -> tuple[WorkerProcess, int]:
     )
     started = time.monotonic()
     worker = WorkerProcess(argv, DEMO, env)
-    ready = worker.wait_for_line(lambda line: line.endswith("ready."), READY_TIMEOUT, 'its "ready." line')
+    ready = worker.wait_until(lambda line: line.endswith("ready."), READY_TIMEOUT, 'its "ready." line')
     show("worker", worker.snapshot()[: ready + 1])
     print(f"\nThe worker is ready ({time.monotonic() - started:.2f} s after start).")
     return worker, ready
@@ -225,7 +186,7 @@ def wait_for_image(image_id: str) -> None:
 
 
 def show_task_log(worker: WorkerProcess, ready: int, image_id: str) -> None:
-    worker.wait_for_line(
+    worker.wait_until(
         lambda line: f"[{image_id}] succeeded" in line, LOG_TIMEOUT, "the image task's success", ready
     )
     lines = worker.snapshot()[ready + 1 :]

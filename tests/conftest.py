@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from celeriac.testing import ProcessExited, WatchedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
@@ -49,56 +50,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
         pause = min(pause * 2, 0.1)
 
 
-class WorkerProcess:
+class WorkerProcess(WatchedProcess):
     """A `celeriac worker` subprocess whose output is collected line by line."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.args = args
-        self.lines: list[str] = []
+        super().__init__(args, cwd, env, new_session=True)
         self._terminated = False
-        self._changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        return self.process
 
     @property
     def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
+        return "\n".join(self.snapshot())
 
     def wait_for(self, text: str, timeout: float = 30.0) -> str:
         """Wait until a line containing `text` is printed; return that line."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"worker never printed {text!r}; output:\n" + "\n".join(self.lines))
-                self._changed.wait(min(remaining, 0.5))
-
-    def count(self, text: str) -> int:
-        with self._changed:
-            return sum(text in line for line in self.lines)
+        try:
+            index = self.wait_for_line(lambda line: text in line, timeout)
+        except (TimeoutError, ProcessExited):
+            raise AssertionError(f"worker never printed {text!r}; output:\n" + self.output) from None
+        return self.snapshot()[index]
 
     def signal(self, signum: int) -> None:
         if signum == signal.SIGTERM:
@@ -116,7 +89,7 @@ class WorkerProcess:
         if self.proc.poll() is None and not self._terminated:
             self.signal(signal.SIGTERM)
         code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
+        self.join_output()
         return code
 
     def cleanup(self) -> None:
