@@ -71,6 +71,7 @@ from celeriac.brokers.redis_ledger import Ledger
 from celeriac.exceptions import BrokerError, OperationalError
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
 from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
+from celeriac.redis_deferred import DeferredCommands
 from celeriac.redis_spare import SpareConnections
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ class RedisBroker(Broker):
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
-        self._spare = SpareConnections()  # out of the pool, for publish and ack
+        self._spare = SpareConnections()  # out of the pool, for publishes
+        self._acks = DeferredCommands()  # single acks, confirmed before each fetch
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
@@ -194,6 +196,7 @@ class RedisBroker(Broker):
         self._main = self._fetcher = None
         self._opened = []
         self._spare = SpareConnections()  # the parent's, never closed here
+        self._acks = DeferredCommands()
         self._take_own_consumer_id()
         self._consumer_changed()  # the parent's ledger (and its lock) are the parent's
 
@@ -202,7 +205,8 @@ class RedisBroker(Broker):
         if self._pid != os.getpid():
             self._forget_parent()
             return
-        self._spare.close()  # confirms the last acks first
+        self._acks.close()  # confirms the last acks first
+        self._spare.close()
         with self._lock:
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
@@ -261,9 +265,9 @@ class RedisBroker(Broker):
             return self._spare.run(self._client(), *args, check=True)
 
     def _send_unread(self, *args: Arg) -> None:
-        """Send one command that may safely run twice, its reply read later (see `SpareConnections`)."""
+        """Send one command that may safely run twice, confirmed later (see `DeferredCommands`)."""
         with self._translated:
-            self._spare.send(self._client(), *args)
+            self._acks.send(self._client(), *args)
 
     # consuming -------------------------------------------------------------------------
 
@@ -286,10 +290,10 @@ class RedisBroker(Broker):
         """
         if limit <= 0 or not queues:
             return []
-        with self._translated:
-            self._spare.settle()  # the last acks are confirmed before any wait
         if self._pid != os.getpid():
             self._forget_parent()
+        with self._translated:
+            self._acks.confirm()  # the last acks have run before anything is leased or awaited
         names = tuple(dict.fromkeys(queues))
         self._declare(names)
         ledger = self._ledger
@@ -452,6 +456,7 @@ class RedisBroker(Broker):
         script = self._script().release
         client = self._client()
         with self._translated:
+            self._acks.confirm()  # this broker's acks and releases run in the order they were made
             if len(deliveries) == 1:
                 script(*self._release_call(deliveries[0], eta, redelivered), client=client)
             else:
@@ -487,6 +492,7 @@ class RedisBroker(Broker):
         record = dead_record(delivery.queue, delivery.payload, reason, time.time())
         keys = [self._inflight_of(delivery), self.layout.dead(delivery.queue)]
         with self._translated:
+            self._acks.confirm()
             moved = self._script().dead_letter(keys, [delivery.payload, record], client=self._client())
         self._ledger.settled([delivery])
         return bool(moved)
@@ -565,6 +571,7 @@ class RedisBroker(Broker):
         """
         keys = [CONSUMERS_KEY, DEAD_KEY, INFLIGHT_PREFIX + consumer_id]
         with self._translated:
+            self._acks.confirm()  # this process's acks (of the consumer's last task) run first
             returned, dead = self._script().reclaim(keys, [consumer_id], client=self._client())
         if dead:
             logger.warning("Dead-lettered %d in-flight messages of %s (not envelopes)", dead, consumer_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import signal
 import socket
@@ -418,26 +419,56 @@ def test_a_message_acked_by_another_broker_object_leaves_the_fetchers_inflight_l
     assert raw.lrange(QUEUE, 0, -1) == [b"released"]
 
 
-def test_an_ack_whose_reply_was_lost_with_its_connection_is_sent_again(
-    broker: RedisBroker, raw: redis.Redis
+def test_an_ack_lost_with_its_connection_is_sent_again_before_the_next_fetch(
+    make_broker: MakeBroker, raw: redis.Redis
 ) -> None:
     # Given a consumer that leased two messages, and Redis holding back every write
+    name = f"celeriac-test-{time.monotonic_ns()}"
+    broker = make_broker(client_name=name)
     broker.publish([Outgoing(QUEUE, b"first"), Outgoing(QUEUE, b"second")])
     first, second = broker.fetch([QUEUE], 2, timeout=1)
-    held_id = broker._send("CLIENT", "ID")  # the connection acks go out on
     raw.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
     try:
-        # When the first ack is sent (its reply left for later) and its connection dies before
+        # When the first ack is written and every connection of the consumer dies before
         # Redis runs it
         broker.ack([first])
-        raw.execute_command("CLIENT", "KILL", "ID", held_id)
+        for client in raw.client_list():
+            if client.get("name") == name:
+                raw.execute_command("CLIENT", "KILL", "ID", client["id"])
     finally:
         raw.execute_command("CLIENT", "UNPAUSE")
     assert raw.llen(inflight(broker)) == 2  # the first ack never ran
 
-    # Then the next command notices the lost reply and sends that ack again
+    # Then the next fetch, which first confirms the acks written, finds the loss and sends
+    # both acks again (the second went into the dead connection too)
     broker.ack([second])
-    eventually(lambda: raw.llen(inflight(broker)) == 0)
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+    assert raw.llen(inflight(broker)) == 0
+
+
+def _ack_one_and_die(broker: RedisBroker) -> None:
+    broker.reset_after_fork()
+    first, _ = broker.fetch([QUEUE], 2, timeout=5)
+    broker.ack([first])
+    os.kill(os.getpid(), signal.SIGKILL)  # no confirmation, no close: the ack is only written
+
+
+def test_an_ack_written_just_before_its_process_is_killed_still_runs(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given two queued messages
+    broker.publish([Outgoing(QUEUE, b"first"), Outgoing(QUEUE, b"second")])
+
+    # When a process leases both, acks the first and is killed at once
+    context: Any = multiprocessing.get_context("fork")
+    child = context.Process(target=_ack_one_and_die, args=(broker,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+
+    # Then the ack still ran: only the second message is in flight with the dead consumer
+    [key] = raw.keys("celeriac.inflight.*")
+    eventually(lambda: raw.lrange(key, 0, -1) == [b"second"])
 
 
 def test_threads_that_publish_and_end_leave_no_connections_behind(

@@ -1,0 +1,182 @@
+"""Commands written at once and confirmed in batches: the acks a worker sends once per task.
+
+An early ack must be on its way to Redis before its task starts, so that a worker that dies
+mid-task never runs that task again; but nothing needs to know that it landed until the
+consumer's next fetch. Written one by one, each ack wakes an idle server, and on a small
+virtual machine that wake-up costs the worker about as much as the rest of a no-op task.
+`DeferredCommands` keeps one connection per process for such commands instead:
+
+- The connection runs with CLIENT REPLY OFF, so Redis sends nothing back and this side never
+  holds unread data. (A socket closed with unread data is reset, and what it had not yet sent
+  is dropped.)
+- On TCP it is corked (TCP_CORK): a command goes into the kernel's send buffer, which the
+  kernel sends when a packet is full, after 200 ms at most, when `confirm` uncorks it, or when
+  the socket is closed, which includes the death of the process. A command written is
+  therefore never lost with the process, only with the machine.
+- `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has run, then
+  CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command written since
+  the last confirmation is sent again on a fresh connection; only commands that may safely
+  run twice are sent this way.
+
+A server that refuses CLIENT REPLY gets plain writes, whose replies `confirm` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from typing import Any
+
+import redis
+
+from celeriac.redis_spare import Arg, packed, write
+
+Command = tuple[Arg, ...]
+
+MOST_PENDING = 64  # commands written before a confirmation is awaited, with no fetch between
+_QUIET = packed(("CLIENT", "REPLY", "OFF"))
+_CONFIRM = packed(("CLIENT", "REPLY", "ON")) + _QUIET
+_LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class DeferredCommands:
+    """One process's connection for commands whose replies can wait; safe to share between threads."""
+
+    def __init__(self, most_pending: int = MOST_PENDING) -> None:
+        self._lock = threading.Lock()
+        self._most_pending = most_pending
+        self._client: redis.Redis | None = None
+        self._connection: Any = None  # a redis-py connection, or None when there is none yet
+        self._quiet = True  # the connection runs with CLIENT REPLY OFF
+        self._corked = False
+        self._pending: list[Command] = []  # written since the last confirmation
+
+    def send(self, client: redis.Redis, *args: Arg) -> None:
+        """Write one command that may safely run twice; it has run when the next `confirm` returns.
+
+        Args:
+            client: Whose pool lends the connection.
+            args: The command.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached; this command
+                was not written (earlier ones are kept and sent again).
+        """
+        with self._lock:
+            if client is not self._client:
+                self._lose()  # what is pending goes again on the new client's connection
+                self._client = client
+            if self._connection is None:
+                self._reconnect()
+            elif len(self._pending) >= self._most_pending:
+                self._confirm()  # before writing: a command once written is never reported lost
+            try:
+                write(self._connection, packed(args))
+            except BaseException:
+                self._lose()
+                raise
+            self._pending.append(args)
+
+    def confirm(self) -> None:
+        """Return once every command written so far has run, sending again what was lost.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached; the
+                commands are kept for the next try.
+        """
+        with self._lock:
+            if self._pending:
+                self._confirm()
+
+    def close(self) -> None:
+        """Confirm what can be confirmed, then close the connection (never pooled again as it is)."""
+        with self._lock:
+            if self._pending and self._client is not None:
+                # What cannot be confirmed stays leased until its consumer's lease lapses.
+                with contextlib.suppress(*_LOST):
+                    self._confirm()
+            self._lose()
+
+    def _confirm(self) -> None:
+        if self._connection is not None:
+            try:
+                self._await(self._connection)
+                self._pending.clear()
+                return
+            except _LOST:
+                self._lose()
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Open a connection and run on it again every command not yet confirmed."""
+        assert self._client is not None
+        connection = self._open(self._client)
+        try:
+            if self._pending:
+                write(connection, b"".join(packed(args) for args in self._pending))
+                self._await(connection)
+        except BaseException:
+            _drop(self._client, connection)
+            raise
+        self._pending.clear()
+        self._connection = connection
+
+    def _open(self, client: redis.Redis) -> Any:
+        connection = client.connection_pool.get_connection()  # redis-py leaves it untyped
+        try:
+            # OFF, ON, OFF: a server that knows CLIENT REPLY answers only the ON, with +OK
+            write(connection, _QUIET + _CONFIRM)
+            self._quiet = _replies_ok(connection)
+            self._corked = self._quiet and _cork(connection._sock)
+        except BaseException:
+            _drop(client, connection)
+            raise
+        return connection
+
+    def _await(self, connection: Any) -> None:
+        """Push out what is written and wait until Redis has run all of it."""
+        if not self._quiet:
+            for _ in self._pending:
+                with contextlib.suppress(redis.ResponseError):  # an ack of something gone
+                    connection.read_response()
+            return
+        write(connection, _CONFIRM)
+        if self._corked:
+            sock = connection._sock
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # sends what waits
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        connection.read_response()
+
+    def _lose(self) -> None:
+        if self._connection is not None:
+            assert self._client is not None
+            _drop(self._client, self._connection)
+            self._connection = None
+
+
+def _replies_ok(connection: Any) -> bool:
+    """Read the answer to OFF, ON, OFF: True if replies are now off, False if the server refused."""
+    try:
+        connection.read_response()
+        return True
+    except redis.ResponseError:
+        for _ in range(2):
+            with contextlib.suppress(redis.ResponseError):
+                connection.read_response()
+        return False
+
+
+def _cork(sock: Any) -> bool:
+    """Cork a plain TCP socket (Linux); say whether it was."""
+    corkable = type(sock) is socket.socket and sock.family in (socket.AF_INET, socket.AF_INET6)
+    if not corkable or not hasattr(socket, "TCP_CORK"):
+        return False
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    return True
+
+
+def _drop(client: redis.Redis, connection: Any) -> None:
+    """Close a connection and hand it back to its pool, which opens it afresh if it lends it again."""
+    connection.disconnect()
+    client.connection_pool.release(connection)
