@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+from celeriac import forks
 from celeriac.exceptions import ImproperlyConfigured
 
 BUSY_TIMEOUT = 30.0
@@ -107,7 +108,7 @@ class SQLiteFile:
         self._local = _ThreadConnection()
         self._lock = threading.Lock()
         self._opened: list[sqlite3.Connection] = []
-        self._pid = os.getpid()
+        self._pid = forks.pid()
         # Bumped by close(), so every thread notices its connection is gone.
         self._generation = 0
 
@@ -117,7 +118,7 @@ class SQLiteFile:
         Raises:
             Exception: Of the `error` class: the file cannot be opened or prepared.
         """
-        if self._pid != os.getpid():
+        if self._pid != forks.pid():
             self.reset_after_fork()
         local = self._local
         if local.connection is not None and local.generation == self._generation:
@@ -159,14 +160,14 @@ class SQLiteFile:
 
     def reset_after_fork(self) -> None:
         """In a forked child, set aside the parent's connections unclosed and call `on_fork`."""
-        if self._pid == os.getpid():
+        if self._pid == forks.pid():
             return
         _INHERITED.extend(self._opened)
         self._opened = []
         # Another thread of the parent may have held the lock at fork time.
         self._lock = threading.Lock()
         self._generation += 1
-        self._pid = os.getpid()
+        self._pid = forks.pid()
         if self._on_fork is not None:
             self._on_fork()
 

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from celeriac import forks
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TIMEOUT = 20.0  # with heartbeats every third of it, a dead worker's messages return within 27 s
@@ -106,7 +108,7 @@ class Broker(ABC):
     @consumer_id.setter
     def consumer_id(self, value: str) -> None:
         self._consumer_id = value
-        self._consumer_id_pid = os.getpid()
+        self._consumer_id_pid = forks.pid()
         self._consumer_changed()
 
     def _consumer_changed(self) -> None:  # noqa: B027 - optional hook
@@ -118,7 +120,7 @@ class Broker(ABC):
         For brokers that notice a fork lazily, on first use: the parent's leases are the
         parent's, but an id the child was given (the prefork parent's choice) must stick.
         """
-        if self._consumer_id_pid != os.getpid():
+        if self._consumer_id_pid != forks.pid():
             self.consumer_id = make_consumer_id()
 
     # producing -------------------------------------------------------------------------
