@@ -2,8 +2,8 @@
 
 An early ack must be on its way to Redis before its task starts, so that a worker that dies
 mid-task never runs that task again; but nothing needs to know that it landed until the
-consumer's next fetch. Written one by one, each ack wakes an idle server, and on a small
-virtual machine that wake-up costs the worker about as much as the rest of a no-op task.
+consumer waits for more work. Written one by one, each ack wakes an idle server, and on a
+small virtual machine that wake-up costs the worker about as much as the rest of a no-op task.
 `DeferredCommands` keeps one connection per process for such commands instead:
 
 - The connection runs with CLIENT REPLY OFF, so Redis sends nothing back and this side never
@@ -13,10 +13,11 @@ virtual machine that wake-up costs the worker about as much as the rest of a no-
   kernel sends when a packet is full, after 200 ms at most, when `confirm` uncorks it, or when
   the socket is closed, which includes the death of the process. A command written is
   therefore never lost with the process, only with the machine.
-- `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has run, then
-  CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command written since
-  the last confirmation is sent again on a fresh connection; only commands that may safely
-  run twice are sent this way.
+- `flush` uncorks without waiting: a consumer busy with prefetched work has Redis run its acks
+  alongside. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has
+  run, then CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command
+  written since the last confirmation is sent again on a fresh connection; only commands that
+  may safely run twice are sent this way.
 
 A server that refuses CLIENT REPLY gets plain writes, whose replies `confirm` reads.
 """
@@ -30,9 +31,7 @@ from typing import Any
 
 import redis
 
-from celeriac.redis_spare import Arg, packed, write
-
-Command = tuple[Arg, ...]
+from celeriac.redis_spare import packed, write
 
 MOST_PENDING = 64  # commands written before a confirmation is awaited, with no fetch between
 _QUIET = packed(("CLIENT", "REPLY", "OFF"))
@@ -50,14 +49,14 @@ class DeferredCommands:
         self._connection: Any = None  # a redis-py connection, or None when there is none yet
         self._quiet = True  # the connection runs with CLIENT REPLY OFF
         self._corked = False
-        self._pending: list[Command] = []  # written since the last confirmation
+        self._pending: list[bytes] = []  # commands (RESP) written since the last confirmation
 
-    def send(self, client: redis.Redis, *args: Arg) -> None:
+    def send(self, client: redis.Redis, command: bytes) -> None:
         """Write one command that may safely run twice; it has run when the next `confirm` returns.
 
         Args:
             client: Whose pool lends the connection.
-            args: The command.
+            command: The command in RESP (see `redis_spare.packed`).
 
         Raises:
             redis.ConnectionError, redis.TimeoutError: Redis could not be reached; this command
@@ -72,11 +71,11 @@ class DeferredCommands:
             elif len(self._pending) >= self._most_pending:
                 self._confirm()  # before writing: a command once written is never reported lost
             try:
-                write(self._connection, packed(args))
+                write(self._connection, command)
             except BaseException:
                 self._lose()
                 raise
-            self._pending.append(args)
+            self._pending.append(command)
 
     def confirm(self) -> None:
         """Return once every command written so far has run, sending again what was lost.
@@ -88,6 +87,12 @@ class DeferredCommands:
         with self._lock:
             if self._pending:
                 self._confirm()
+
+    def flush(self) -> None:
+        """Have the kernel send what is written now, without waiting for Redis to run it."""
+        with self._lock:
+            if self._pending and self._corked:
+                _uncork(self._connection._sock)
 
     def close(self) -> None:
         """Confirm what can be confirmed, then close the connection (never pooled again as it is)."""
@@ -114,7 +119,7 @@ class DeferredCommands:
         connection = self._open(self._client)
         try:
             if self._pending:
-                write(connection, b"".join(packed(args) for args in self._pending))
+                write(connection, b"".join(self._pending))
                 self._await(connection)
         except BaseException:
             _drop(self._client, connection)
@@ -143,9 +148,7 @@ class DeferredCommands:
             return
         write(connection, _CONFIRM)
         if self._corked:
-            sock = connection._sock
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # sends what waits
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            _uncork(connection._sock)
         connection.read_response()
 
     def _lose(self) -> None:
@@ -174,6 +177,12 @@ def _cork(sock: Any) -> bool:
         return False
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     return True
+
+
+def _uncork(sock: socket.socket) -> None:
+    """Send what the corked socket holds, and cork it again for what comes next."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
 
 
 def _drop(client: redis.Redis, connection: Any) -> None:

@@ -80,6 +80,17 @@ def packed(args: tuple[Arg, ...]) -> bytes:
     return b"".join(parts)
 
 
+def lrem_last(key: str, value: bytes) -> bytes:
+    """``LREM key -1 value`` in RESP: what `packed` gives, built in one step for the per-task ack."""
+    name = key.encode()
+    return b"*4\r\n$4\r\nLREM\r\n$%d\r\n%b\r\n$2\r\n-1\r\n$%d\r\n%b\r\n" % (
+        len(name),
+        name,
+        len(value),
+        value,
+    )
+
+
 def write(connection: Any, data: bytes) -> None:
     """Write `data` to a redis-py connection, in one system call where it fits.
 

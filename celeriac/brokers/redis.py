@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +48,7 @@ from typing import Any, ClassVar, cast
 import redis
 from redis.client import Pipeline
 
+from celeriac import forks
 from celeriac.brokers.base import Broker, DeadLetter, Delivery, Outgoing, make_consumer_id
 from celeriac.brokers.redis_layout import (
     CONSUMERS_KEY,
@@ -72,7 +72,7 @@ from celeriac.exceptions import BrokerError, OperationalError
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
 from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
 from celeriac.redis_deferred import DeferredCommands
-from celeriac.redis_spare import SpareConnections
+from celeriac.redis_spare import SpareConnections, lrem_last
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class RedisBroker(Broker):
         self._translated = Translated(_ROLE, self._reach(url))
         self.lease_grace = float(self.options.get("lease_grace", max(60.0, 10 * self.lease_timeout)))
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = forks.pid()
         self._main: tuple[redis.Redis, Scripts] | None = None
         self._fetcher: redis.Redis | None = None  # no retries: a replayed fetch would strand messages
         self._opened: list[redis.Redis] = []  # every client made
@@ -155,7 +155,7 @@ class RedisBroker(Broker):
         return self._endpoint.redacted
 
     def _link(self) -> tuple[redis.Redis, Scripts]:
-        if self._pid != os.getpid():
+        if self._pid != forks.pid():
             self._forget_parent()
         link = self._main
         if link is None:
@@ -191,7 +191,7 @@ class RedisBroker(Broker):
         # In a forked child the parent's sockets belong to the parent: drop them unclosed,
         # and take a consumer id of our own (the parent's leases are the parent's) unless
         # this process was given one already.
-        self._pid = os.getpid()
+        self._pid = forks.pid()
         self._lock = threading.Lock()
         self._main = self._fetcher = None
         self._opened = []
@@ -202,7 +202,7 @@ class RedisBroker(Broker):
 
     def close(self) -> None:
         """Close this process's connections; the next call opens new ones. Leases stay."""
-        if self._pid != os.getpid():
+        if self._pid != forks.pid():
             self._forget_parent()
             return
         self._acks.close()  # confirms the last acks first
@@ -264,10 +264,10 @@ class RedisBroker(Broker):
         with self._translated:
             return self._spare.run(self._client(), *args, check=True)
 
-    def _send_unread(self, *args: Arg) -> None:
-        """Send one command that may safely run twice, confirmed later (see `DeferredCommands`)."""
+    def _ack_one(self, delivery: Delivery) -> None:
+        """Write one ack, confirmed later (see `DeferredCommands`): a task need not wait for it."""
         with self._translated:
-            self._acks.send(self._client(), *args)
+            self._acks.send(self._client(), lrem_last(self._inflight_of(delivery), delivery.payload))
 
     # consuming -------------------------------------------------------------------------
 
@@ -290,10 +290,13 @@ class RedisBroker(Broker):
         """
         if limit <= 0 or not queues:
             return []
-        if self._pid != os.getpid():
+        if self._pid != forks.pid():
             self._forget_parent()
         with self._translated:
-            self._acks.confirm()  # the last acks have run before anything is leased or awaited
+            if timeout > 0:
+                self._acks.confirm()  # before a wait, the acks so far have run
+            else:
+                self._acks.flush()  # busy: Redis runs them while the tasks run
         names = tuple(dict.fromkeys(queues))
         self._declare(names)
         ledger = self._ledger
@@ -387,6 +390,7 @@ class RedisBroker(Broker):
         inflight = INFLIGHT_PREFIX + ledger.consumer_id
         client = self._fetch_client()  # no retries: a replayed script could take a held copy
         with self._translated:
+            self._acks.confirm()  # an ack not yet run would look like a payload never handed out
             listed = [bytes(payload) for payload in _command(client, "LRANGE", inflight, 0, -1)]
         unseen = ledger.take_stock(listed)
         if unseen:
@@ -427,7 +431,7 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            self._send_unread("LREM", self._inflight_of(deliveries[0]), -1, deliveries[0].payload)
+            self._ack_one(deliveries[0])
         else:
             pipe = self._client().pipeline(transaction=False)
             for delivery in deliveries:

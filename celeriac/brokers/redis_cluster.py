@@ -94,8 +94,8 @@ class RedisClusterBroker(RedisBroker):
         with self._translated:
             return _command(self._client(), *args)
 
-    def _send_unread(self, *args: Arg) -> None:
-        self._send(*args)
+    def _ack_one(self, delivery: Delivery) -> None:
+        self._send("LREM", self._inflight_of(delivery), -1, delivery.payload)
 
     def _declare_in(self, pipe: Pipeline, queues: set[str]) -> None:
         """Queue kombu's bindings and list the queues in ``celeriac.queues``, for heartbeats to walk."""
