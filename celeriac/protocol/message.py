@@ -176,9 +176,13 @@ def decode_task(envelope: Envelope, accept: frozenset[str]) -> TaskMessage:
 
 def _check_headers(message: TaskMessage) -> None:
     """Read now every header the worker acts on, so a malformed one is refused instead of crashing it."""
+    headers = message.headers
     try:
-        _ = message.eta, message.expires, message.retries, message.priority
-        _ = [float(limit) for limit in message.timelimit if limit is not None]
+        if headers.get("eta") is not None or headers.get("expires") is not None:
+            _ = message.eta, message.expires
+        _ = message.retries, message.priority
+        if headers.get("timelimit"):
+            _ = [float(limit) for limit in message.timelimit if limit is not None]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed task header: {exc}") from exc
 
@@ -335,8 +339,8 @@ def unpack(raw: bytes | str) -> Envelope:
 
 
 def _body_bytes(body: Any, encoding: Any) -> bytes:
-    if encoding == "base64":
-        return base64.b64decode(body, validate=True)
+    if encoding == "base64":  # strictly: an alphabet outside base64 is an error, not skipped
+        return binascii.a2b_base64(body, strict_mode=True)
     if isinstance(body, bytes):
         return body
     return str(body).encode("utf-8")
