@@ -38,6 +38,11 @@ FORBIDDEN = {
     "celeriac.task": ("celeriac.worker", "celeriac.cli"),
     "celeriac.result": ("celeriac.worker", "celeriac.cli"),
     "celeriac.worker": ("celeriac.cli",),
+    # L1 helpers that brokers and backends share: below both, so they import neither
+    "celeriac.redis_spare": ("celeriac.app", "celeriac.worker", "celeriac.brokers", "celeriac.backends"),
+    "celeriac.redis_deferred": ("celeriac.app", "celeriac.worker", "celeriac.brokers", "celeriac.backends"),
+    # L0: nothing of celeriac
+    "celeriac.forks": ("celeriac.",),
 }
 
 
