@@ -811,8 +811,56 @@ def test_a_broker_reaches_redis_through_a_unix_socket_and_through_sentinel(
 
         # Then both reached the same Redis
         assert [d.payload for d in fetched] == [b"found you"]
+        # and an ack through the socket (not corked there, but still without replies) runs
         by_socket.ack(fetched)
+        assert by_socket.fetch([QUEUE], 1, timeout=0.1) == []  # confirms the ack first
+        raw = redis.Redis(unix_socket_path=str(sock))
+        assert raw.llen(inflight(by_sentinel)) == 0
+        raw.close()
         assert by_sentinel.size(QUEUE) == 0
     finally:
         by_socket.close()
         by_sentinel.close()
+
+
+@pytest.fixture
+def redis_without_client_command(tmp_path: Path) -> Iterator[int]:
+    """A throwaway redis-server whose CLIENT command is renamed away, as some managed services do."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed: cannot start a private Redis")
+    port = _free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--rename-command", "CLIENT", ""],
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        eventually(lambda: _answers(port))
+        yield port
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+def test_acks_run_on_a_server_that_refuses_client_reply(redis_without_client_command: int) -> None:
+    # Given a server without CLIENT (so no CLIENT REPLY OFF) and a consumer that leased three messages
+    port = redis_without_client_command
+    broker = RedisBroker(f"redis://127.0.0.1:{port}/0")
+    raw = redis.Redis(port=port)
+    try:
+        broker.publish([Outgoing(QUEUE, b"a"), Outgoing(QUEUE, b"b"), Outgoing(QUEUE, b"c")])
+        leased = broker.fetch([QUEUE], 3, timeout=1)
+
+        # When each is acked on its own, as a worker does before each task, and it fetches again
+        for delivery in leased:
+            broker.ack([delivery])
+        assert broker.fetch([QUEUE], 1, timeout=0.1) == []
+
+        # Then every ack ran (their replies read, not left to pile up) and the broker still works
+        assert raw.llen(inflight(broker)) == 0
+        broker.publish_one(QUEUE, b"d")
+        assert [d.payload for d in broker.fetch([QUEUE], 1, timeout=1)] == [b"d"]
+    finally:
+        broker.close()
+        raw.close()
