@@ -24,6 +24,7 @@ import orjson
 import pytest
 import redis
 
+from celeriac import redis_deferred
 from celeriac.brokers import redis_ledger
 from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
@@ -444,6 +445,22 @@ def test_an_ack_lost_with_its_connection_is_sent_again_before_the_next_fetch(
     broker.ack([second])
     assert broker.fetch([QUEUE], 1, timeout=0.1) == []
     assert raw.llen(inflight(broker)) == 0
+
+
+def test_a_consumer_that_never_waits_still_has_its_acks_confirmed_in_batches(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased more messages than one batch of unconfirmed acks holds
+    batch = redis_deferred.MOST_PENDING
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(batch + 2)])
+    leased = broker.fetch([QUEUE], batch + 2, timeout=1)
+
+    # When it acks them one by one without fetching again
+    for delivery in leased[: batch + 1]:
+        broker.ack([delivery])
+
+    # Then the ack past a full batch waited until the batch had run: no wait on a timer
+    assert raw.llen(inflight(broker)) <= 2
 
 
 def _ack_one_and_die(broker: RedisBroker) -> None:
