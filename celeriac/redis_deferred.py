@@ -66,7 +66,8 @@ class DeferredCommands:
             if client is not self._client:
                 self._lose()  # what is pending goes again on the new client's connection
                 self._client = client
-            if self._connection is None:
+            if self._connection is None or self._connection._sock is None:  # closed under us
+                self._lose()
                 self._reconnect()
             elif len(self._pending) >= self._most_pending:
                 self._confirm()  # before writing: a command once written is never reported lost
@@ -91,8 +92,12 @@ class DeferredCommands:
     def flush(self) -> None:
         """Have the kernel send what is written now, without waiting for Redis to run it."""
         with self._lock:
-            if self._pending and self._corked:
+            if not (self._pending and self._corked and self._connection is not None):
+                return
+            try:
                 _uncork(self._connection._sock)
+            except OSError:
+                self._lose()  # what is pending goes again at the next confirm
 
     def close(self) -> None:
         """Confirm what can be confirmed, then close the connection (never pooled again as it is)."""
