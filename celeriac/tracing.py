@@ -105,7 +105,7 @@ class Tracer:
             self._store(request, value, states.SUCCESS)
         except ProtocolError as exc:
             return self._failed(request, exc, started)
-        if not request.is_eager:
+        if not request.is_eager and (request.callbacks or request.chain or request.chord):
             send_followups(self.task.app, request, value)
             complete_chord_part(self.task.app, request, states.SUCCESS, value)
         self.task.on_success(value, request.id, request.args, request.kwargs)

@@ -82,7 +82,8 @@ class Consumer:
         if message is None or not self._vet(delivery, message):
             return
         task = self.app.tasks[message.name]
-        logger.info("Task %s[%s] received", message.name, message.id)
+        if logger.isEnabledFor(logging.INFO):  # the arguments cost more than the check
+            logger.info("Task %s[%s] received", message.name, message.id)
         self.reserved.append(self._job(delivery, message, task))
 
     def _decode(self, delivery: Delivery) -> TaskMessage | None:
@@ -244,6 +245,8 @@ def _first(*values: float | None) -> float | None:
 
 def log_completion(message: TaskMessage, completion: Completion) -> None:
     """Log a finished task the way Celery's worker does at info level."""
+    if completion.state == states.SUCCESS and not logger.isEnabledFor(logging.INFO):
+        return  # the common case, without building the line's arguments
     name, task_id = message.name, message.id
     if completion.state == states.SUCCESS:
         logger.info(
