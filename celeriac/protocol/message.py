@@ -110,7 +110,9 @@ class TaskMessage:
     @property
     def timelimit(self) -> tuple[float | None, float | None]:
         """Return `(hard, soft)`: Celery sends the hard limit first."""
-        limits = self.headers.get("timelimit") or (None, None)
+        limits = self.headers.get("timelimit")
+        if not limits:
+            return None, None
         hard, soft = [*list(limits), None, None][:2]
         return hard, soft
 
