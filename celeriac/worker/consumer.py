@@ -155,11 +155,7 @@ class Consumer:
         self.processed += 1
         log_completion(job.message, completion)
         if not completion.settled:
-            if completion.state == states.FAILURE and job.acks_late and not job.ack_failures:
-                logger.error(
-                    "Message of %s[%s] moved to the dead-letter queue", job.message.name, job.message.id
-                )
-            settle(self.broker, job, completion)
+            settle(self.broker, job, completion)  # logs a dead-lettering itself
 
     # stopping --------------------------------------------------------------------------
 

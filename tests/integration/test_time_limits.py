@@ -54,6 +54,13 @@ def runs_away(key):
     return "finished"
 
 
+@app.task(time_limit=1, acks_late=True, acks_on_failure_or_timeout=False)
+def runs_away_kept(key):
+    record("runs", f"{key} {os.getpid()}")
+    spin(60)
+    return "finished"
+
+
 @app.task
 def whoami(key):
     record("runs", f"{key} {os.getpid()}")
@@ -158,6 +165,31 @@ def test_a_hard_time_limit_kills_the_prefork_child_which_is_replaced_and_not_red
     assert lines(project) == [runaway_line, f"follow-up {follow_up}"]
     assert project.app.broker.size(QUEUE) == 0
     assert project.app.broker.dead_letters() == []
+
+
+def test_a_killed_child_s_task_that_keeps_failed_messages_is_dead_lettered_and_logged_once(
+    make_project: ProjectFactory,
+) -> None:
+    # Given a one-child prefork worker and an acks_late task that keeps its message when it
+    # fails (acks_on_failure_or_timeout=False), with a one-second hard limit
+    project = make_project(TASKS)
+    worker = project.worker(concurrency=1)
+    tasks = project.module
+
+    # When the task runs past its hard limit and its child is killed
+    result = tasks.runs_away_kept.delay("kept")
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=20)
+
+    # Then the message is set aside as a dead letter with the reason, not run again
+    worker.wait_for("moved to the dead-letter queue")
+    assert tasks.whoami.delay("follow-up").get(timeout=20)
+    assert worker.stop() == 0
+    [letter] = project.app.broker.dead_letters()
+    assert "TimeLimitExceeded" in letter.reason
+    assert [line.split()[0] for line in lines(project)] == ["kept", "follow-up"]
+    # And the dead-lettering is logged once
+    assert worker.count("moved to the dead-letter queue") == 1
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
