@@ -7,6 +7,7 @@ would otherwise run for a minute, so a limit that did not fire shows up as a tim
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -137,20 +138,24 @@ def test_a_soft_time_limit_raises_soft_time_limit_exceeded_inside_the_task(
     assert tasks.whoami.delay("after").get(timeout=20)
 
 
+def _past_the_hard_limit(make_project: ProjectFactory, task: str, key: str) -> tuple[Project, Any, Any]:
+    """A one-child prefork worker whose `task` ran past its hard limit and failed with TimeLimitExceeded."""
+    project = make_project(TASKS)
+    worker = project.worker(concurrency=1)
+    result = getattr(project.module, task).delay(key)
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=20)
+    return project, worker, result
+
+
 def test_a_hard_time_limit_kills_the_prefork_child_which_is_replaced_and_not_redelivered(
     make_project: ProjectFactory,
 ) -> None:
-    # Given a one-child prefork worker and an acks_late task with a one-second hard limit
-    project = make_project(TASKS)
-    worker = project.worker(concurrency=1)
+    # Given a one-child prefork worker, when an acks_late task runs past its one-second hard limit
+    project, worker, result = _past_the_hard_limit(make_project, "runs_away", "runaway")
     tasks = project.module
 
-    # When the task runs past its hard limit
-    result = tasks.runs_away.delay("runaway")
-
     # Then it fails with TimeLimitExceeded and the worker logs it
-    with pytest.raises(TimeLimitExceeded):
-        result.get(timeout=20)
     assert result.state == states.FAILURE
     worker.wait_for(f"Hard time limit (1.0s) exceeded for {tasks.runs_away.name}[{result.id}]")
     # And a later task runs on the same worker, in a new child process
@@ -170,16 +175,10 @@ def test_a_hard_time_limit_kills_the_prefork_child_which_is_replaced_and_not_red
 def test_a_killed_child_s_task_that_keeps_failed_messages_is_dead_lettered_and_logged_once(
     make_project: ProjectFactory,
 ) -> None:
-    # Given a one-child prefork worker and an acks_late task that keeps its message when it
-    # fails (acks_on_failure_or_timeout=False), with a one-second hard limit
-    project = make_project(TASKS)
-    worker = project.worker(concurrency=1)
+    # Given a one-child prefork worker, when an acks_late task that keeps its message on
+    # failure (acks_on_failure_or_timeout=False) runs past its hard limit and its child is killed
+    project, worker, _ = _past_the_hard_limit(make_project, "runs_away_kept", "kept")
     tasks = project.module
-
-    # When the task runs past its hard limit and its child is killed
-    result = tasks.runs_away_kept.delay("kept")
-    with pytest.raises(TimeLimitExceeded):
-        result.get(timeout=20)
 
     # Then the message is set aside as a dead letter with the reason, not run again
     worker.wait_for("moved to the dead-letter queue")
