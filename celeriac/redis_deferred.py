@@ -96,7 +96,7 @@ class DeferredCommands:
                 return
             try:
                 _uncork(self._connection._sock)
-            except OSError:
+            except redis.ConnectionError:
                 self._lose()  # what is pending goes again at the next confirm
 
     def close(self) -> None:
@@ -180,14 +180,24 @@ def _cork(sock: Any) -> bool:
     corkable = type(sock) is socket.socket and sock.family in (socket.AF_INET, socket.AF_INET6)
     if not corkable or not hasattr(socket, "TCP_CORK"):
         return False
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError as exc:
+        raise redis.ConnectionError(f"Error setting up the Redis socket: {exc}") from exc
     return True
 
 
 def _uncork(sock: socket.socket) -> None:
-    """Send what the corked socket holds, and cork it again for what comes next."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    """Send what the corked socket holds, and cork it again for what comes next.
+
+    Raises:
+        redis.ConnectionError: The socket is gone.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError as exc:
+        raise redis.ConnectionError(f"Error sending on the Redis socket: {exc}") from exc
 
 
 def _drop(client: redis.Redis, connection: Any) -> None:
