@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celeriac.task")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and frozen costs more
 class Outcome:
     """How one run ended. `value` is the return value, or the exception raised."""
 

@@ -37,7 +37,7 @@ DEFAULT_LEASE_TIMEOUT = 20.0  # with heartbeats every third of it, a dead worker
 MAX_PRIORITY = 9
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and frozen costs more
 class Outgoing:
     """A payload to publish: where to, how urgent, and when it becomes visible (unix time)."""
 
@@ -47,7 +47,7 @@ class Outgoing:
     eta: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and frozen costs more
 class Delivery:
     """A leased message: ack it, release it, or dead-letter it through the broker that gave it."""
 

@@ -28,7 +28,7 @@ class Job:
     ack_failures: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and frozen costs more
 class Completion:
     """How a job ended, reduced to what the consumer needs to log it.
 
