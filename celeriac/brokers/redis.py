@@ -292,11 +292,9 @@ class RedisBroker(Broker):
             return []
         if self._pid != forks.pid():
             self._forget_parent()
-        with self._translated:
-            if timeout > 0:
+        if timeout > 0:
+            with self._translated:
                 self._acks.confirm()  # before a wait, the acks so far have run
-            else:
-                self._acks.flush()  # busy: Redis runs them while the tasks run
         names = tuple(dict.fromkeys(queues))
         self._declare(names)
         ledger = self._ledger
@@ -314,6 +312,10 @@ class RedisBroker(Broker):
             raise
         finally:
             ledger.leave_fetch(found)
+            if timeout <= 0:
+                # Busy: the acks go out now, after the fetch rather than ahead of it, so Redis
+                # runs them while the tasks run instead of while this fetch waits.
+                self._acks.flush()  # never raises: a lost connection waits for the next confirm
 
     def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
         start = next(self._turn) % len(names)
