@@ -410,7 +410,8 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
 
     def wait() -> None:
         try:
-            outcome["meta"] = backend.wait("t1", GENEROUS_TIMEOUT, 1.0)
+            # Longer than every wait of the test below: a waiter that gave up would unsubscribe
+            outcome["meta"] = backend.wait("t1", 3 * GENEROUS_TIMEOUT, 1.0)
         except BaseException as exc:  # surfaced by the assertion below
             outcome["meta"] = exc
 
@@ -426,7 +427,14 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
     node.close()
 
     # Then the listener subscribes again on another node, and the waiter gets the result stored next
-    [(moved_to, _)] = eventually(lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"])
+    try:
+        [(moved_to, _)] = eventually(
+            lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"]
+        )
+    except AssertionError as failure:  # say what there is instead, should this ever fail
+        seen = [(p, c["sub"]) for p, c in _listeners(redis_cluster)]
+        waiter_state = outcome or "still waiting"
+        raise AssertionError(f"listeners (port, sub): {seen}; waiter: {waiter_state}") from failure
     assert moved_to != port
     backend.store_result("t1", "after the move", states.SUCCESS)
     waiter.join(GENEROUS_TIMEOUT)
