@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -48,6 +48,46 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(pause)
         pause = min(pause * 2, 0.1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a private server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def redis_answers(port: int) -> bool:
+    """Whether a Redis server (or Sentinel) on 127.0.0.1:`port` answers PING yet."""
+    import redis  # only the Redis tests need it
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
+Closable = TypeVar("Closable")
+
+
+def closing_factory(create: Callable[..., Closable]) -> Iterator[Callable[..., Closable]]:
+    """The body of a factory fixture: yield `create`, then close everything it made.
+
+    Use as ``yield from closing_factory(lambda **options: SomeBroker(url, options))``.
+    """
+    made: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Closable:
+        thing = create(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    yield make
+    for thing in made:
+        thing.close()
 
 
 class WorkerProcess(WatchedProcess):

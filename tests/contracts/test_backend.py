@@ -29,6 +29,7 @@ from celeriac.backends.registry import create_backend, supported_schemes
 from celeriac.backends.sqlite import SQLiteBackend
 from celeriac.exceptions import ImproperlyConfigured, ProtocolError, TimeoutError
 from celeriac.protocol.failures import decode_exception
+from tests.conftest import closing_factory
 
 pytest_plugins = ("tests.redis_cluster",)
 
@@ -84,17 +85,12 @@ def expires_keys_itself(backend: ResultBackend) -> bool:
 
 @pytest.fixture
 def make_backend(backend_url: str) -> Iterator[MakeBackend]:
-    made: list[ResultBackend] = []
-
     def make(*, expires: float | None = DEFAULT_EXPIRES) -> ResultBackend:
         backend = create_backend(backend_url, expires=expires)
         assert backend is not None
-        made.append(backend)
         return backend
 
-    yield make
-    for backend in made:
-        backend.close()
+    yield from closing_factory(make)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from celeriac.backends.redis import LISTENER_CLIENT_NAME, RedisBackend
 from celeriac.backends.registry import create_backend
 from celeriac.exceptions import BackendError, ImproperlyConfigured
 from celeriac.protocol.failures import decode_exception
+from tests.conftest import closing_factory, free_port
 from tests.contracts.test_backend import GENEROUS_TIMEOUT, REDIS_URL, eventually, require_redis
 
 MakeBackend = Callable[..., RedisBackend]
@@ -58,18 +58,13 @@ def raw() -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def make_backend(raw: redis.Redis) -> Iterator[MakeBackend]:
-    made: list[RedisBackend] = []
-
     def make(url: str = REDIS_URL, **settings: Any) -> RedisBackend:
         settings.setdefault("expires", EXPIRES)
         backend = create_backend(url, **settings)
         assert isinstance(backend, RedisBackend)
-        made.append(backend)
         return backend
 
-    yield make
-    for backend in made:
-        backend.close()
+    yield from closing_factory(make)
 
 
 @pytest.fixture
@@ -565,7 +560,7 @@ def test_a_redis_socket_url_reaches_the_server_and_its_virtual_host_database(sho
 @pytest.mark.skipif(REDIS_SERVER is None, reason="needs the redis-server program")
 def test_a_sentinel_url_finds_the_master_by_name(raw: redis.Redis, short_tmp: Path) -> None:
     # Given a Sentinel watching the test server as master "celeriac-test"
-    port = _free_port()
+    port = free_port()
     config = short_tmp / "sentinel.conf"
     config.write_text(f"port {port}\nsentinel monitor celeriac-test 127.0.0.1 6379 1\n")
     probe = redis.Redis(port=port)
@@ -593,9 +588,3 @@ def test_a_sentinel_url_finds_the_master_by_name(raw: redis.Redis, short_tmp: Pa
         probe.close()
         sentinel.terminate()
         sentinel.wait(GENEROUS_TIMEOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -32,7 +32,7 @@ from celeriac.brokers.registry import DEFAULT_BROKER_URL, broker_class_for, crea
 from celeriac.brokers.sqlite import SQLiteBroker
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Envelope, pack, unpack
-from tests.conftest import require_service
+from tests.conftest import closing_factory, require_service
 
 pytest_plugins = ("tests.redis_cluster",)
 
@@ -93,16 +93,7 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def make_broker(broker_url: str) -> Iterator[MakeBroker]:
-    made: list[Broker] = []
-
-    def make(**options: Any) -> Broker:
-        broker = create_broker(broker_url, options)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        broker.close()
+    yield from closing_factory(lambda **options: create_broker(broker_url, options))
 
 
 @pytest.fixture

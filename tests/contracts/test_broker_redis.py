@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
 from celeriac.protocol.message import Envelope, pack, unpack
+from tests.conftest import closing_factory, free_port, redis_answers
 from tests.contracts.test_broker import eventually, redis_database
 
 QUEUE = "celery"
@@ -56,16 +56,7 @@ def raw(url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def make_broker(url: str) -> Iterator[MakeBroker]:
-    made: list[RedisBroker] = []
-
-    def make(**options: Any) -> RedisBroker:
-        broker = RedisBroker(url, options)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        broker.close()
+    yield from closing_factory(lambda **options: RedisBroker(url, options))
 
 
 @pytest.fixture
@@ -361,6 +352,36 @@ def test_deliveries_settled_by_another_process_are_forgotten_without_returning_h
     assert raw.llen(QUEUE) == 0
 
 
+def drain_while_doubting(broker: RedisBroker, queues: list[str], threads: int) -> list[bytes]:
+    """Drain `queues` on `threads` threads sharing `broker`; return every payload delivered.
+
+    Each thread fetches two at a time and acks, while another thread tells the broker's ledger
+    every millisecond that a fetch failed, so it reads its in-flight lists whenever no fetch runs.
+    """
+    seen: list[list[bytes]] = [[] for _ in range(threads)]
+    done = threading.Event()
+
+    def drain(mine: list[bytes]) -> None:
+        while batch := broker.fetch(queues, 2, timeout=0.05):
+            mine.extend(d.payload for d in batch)
+            broker.ack(batch)
+
+    def keep_doubting() -> None:
+        while not done.wait(0.001):
+            broker._ledger.fetch_failed()
+
+    doubter = threading.Thread(target=keep_doubting)
+    doubter.start()
+    drainers = [threading.Thread(target=drain, args=(mine,)) for mine in seen]
+    for drainer in drainers:
+        drainer.start()
+    for drainer in drainers:
+        drainer.join(30)
+    done.set()
+    doubter.join(5)
+    return [payload for mine in seen for payload in mine]
+
+
 def test_reading_the_inflight_list_after_failures_never_takes_what_a_running_fetch_leased(
     make_broker: MakeBroker, raw: redis.Redis
 ) -> None:
@@ -369,31 +390,12 @@ def test_reading_the_inflight_list_after_failures_never_takes_what_a_running_fet
     # wrongly taken-back payload would turn into a dead letter: their queue is unknown)
     broker = make_broker()
     broker.publish([Outgoing(QUEUE, str(n).encode()) for n in range(2000)])
-    seen: list[list[bytes]] = [[] for _ in range(8)]
-    done = threading.Event()
-
-    def drain(mine: list[bytes]) -> None:
-        while batch := broker.fetch([QUEUE], 2, timeout=0.05):
-            mine.extend(d.payload for d in batch)
-            broker.ack(batch)
-
-    def keep_doubting() -> None:
-        while not done.wait(0.001):
-            broker._ledger.fetch_failed()
 
     # When eight threads drain the queue through it, fetching and acking while it reads the list
-    doubter = threading.Thread(target=keep_doubting)
-    doubter.start()
-    threads = [threading.Thread(target=drain, args=(mine,)) for mine in seen]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    done.set()
-    doubter.join(5)
+    delivered = drain_while_doubting(broker, [QUEUE], threads=8)
 
     # Then nothing a fetch had leased was taken back: each message was delivered once, none set aside
-    assert sorted(int(p) for mine in seen for p in mine) == list(range(2000))
+    assert sorted(int(p) for p in delivered) == list(range(2000))
     assert broker.dead_letters() == []
     assert (raw.llen(QUEUE), raw.llen(inflight(broker))) == (0, 0)
 
@@ -772,19 +774,13 @@ def test_sentinel_urls_list_every_sentinel() -> None:
 # other ways to reach Redis ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A throwaway redis-server on its own TCP port and unix socket, and a Sentinel watching it."""
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed: cannot start a private Redis and Sentinel")
-    port, sentinel_port, sock = _free_port(), _free_port(), tmp_path / "redis.sock"
+    port, sentinel_port, sock = free_port(), free_port(), tmp_path / "redis.sock"
     config = tmp_path / "sentinel.conf"
     config.write_text(f"port {sentinel_port}\nsentinel monitor mymaster 127.0.0.1 {port} 1\n")
     processes = [
@@ -796,22 +792,12 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     ]
     try:
         for ready in (port, sentinel_port):
-            eventually(lambda ready=ready: _answers(ready))  # type: ignore[misc]
+            eventually(lambda ready=ready: redis_answers(ready))  # type: ignore[misc]
         yield sentinel_port, sock
     finally:
         for process in processes:
             process.kill()
             process.wait(30)
-
-
-def _answers(port: int) -> bool:
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-    finally:
-        client.close()
 
 
 def test_a_broker_reaches_redis_through_a_unix_socket_and_through_sentinel(
@@ -846,14 +832,14 @@ def redis_without_client_command(tmp_path: Path) -> Iterator[int]:
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed: cannot start a private Redis")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--save", "", "--appendonly", "no", "--rename-command", "CLIENT", ""],
         stdout=subprocess.DEVNULL,
         cwd=tmp_path,
     )
     try:
-        eventually(lambda: _answers(port))
+        eventually(lambda: redis_answers(port))
         yield port
     finally:
         process.kill()

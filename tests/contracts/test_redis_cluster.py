@@ -10,7 +10,6 @@ cluster client.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -35,7 +34,8 @@ from celeriac.exceptions import BackendError, ImproperlyConfigured, OperationalE
 from celeriac.protocol.message import Envelope, pack, unpack
 from celeriac.redis_cluster_connection import cluster_endpoint
 from celeriac.redis_connection import Role, Translated
-from tests.conftest import wait_until
+from tests.conftest import closing_factory, free_port, redis_answers, wait_until
+from tests.contracts.test_broker_redis import drain_while_doubting
 
 if TYPE_CHECKING:  # imported by pytest as a plugin, not here: see pytest_plugins
     from tests.redis_cluster import PrivateCluster
@@ -65,32 +65,18 @@ def raw(cluster_url: str, redis_cluster: PrivateCluster) -> Iterator[RedisCluste
 
 @pytest.fixture
 def make_broker(cluster_url: str) -> Iterator[MakeBroker]:
-    made: list[RedisClusterBroker] = []
-
-    def make(**options: Any) -> RedisClusterBroker:
-        broker = RedisClusterBroker(cluster_url, options)
-        made.append(broker)
-        return broker
-
-    yield make
-    for broker in made:
-        broker.close()
+    yield from closing_factory(lambda **options: RedisClusterBroker(cluster_url, options))
 
 
 @pytest.fixture
 def make_backend(cluster_url: str) -> Iterator[MakeBackend]:
-    made: list[RedisClusterBackend] = []
-
     def make(**settings: Any) -> RedisClusterBackend:
         settings.setdefault("expires", EXPIRES)
         backend = create_backend(cluster_url, **settings)
         assert isinstance(backend, RedisClusterBackend)
-        made.append(backend)
         return backend
 
-    yield make
-    for backend in made:
-        backend.close()
+    yield from closing_factory(make)
 
 
 def task_envelope(name: str, queue: str = QUEUE, priority: int = 0) -> bytes:
@@ -263,31 +249,12 @@ def test_reading_the_inflight_lists_after_failures_never_takes_what_a_running_fe
     broker = make_broker()
     total = 600
     broker.publish([Outgoing((QUEUE, OTHER)[n % 2], str(n).encode()) for n in range(total)])
-    seen: list[list[bytes]] = [[] for _ in range(6)]
-    done = threading.Event()
-
-    def drain(mine: list[bytes]) -> None:
-        while batch := broker.fetch([QUEUE, OTHER], 2, timeout=0.05):
-            mine.extend(d.payload for d in batch)
-            broker.ack(batch)
-
-    def keep_doubting() -> None:
-        while not done.wait(0.001):
-            broker._ledger.fetch_failed()
 
     # When six threads drain both queues through it
-    doubter = threading.Thread(target=keep_doubting)
-    doubter.start()
-    threads = [threading.Thread(target=drain, args=(mine,)) for mine in seen]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    done.set()
-    doubter.join(5)
+    delivered = drain_while_doubting(broker, [QUEUE, OTHER], threads=6)
 
     # Then nothing a fetch had leased was given back: each message was delivered exactly once
-    assert sorted(int(p) for mine in seen for p in mine) == list(range(total))
+    assert sorted(int(p) for p in delivered) == list(range(total))
     assert broker.size(QUEUE) == broker.size(OTHER) == 0
 
 
@@ -542,15 +509,13 @@ def test_a_cluster_url_naming_a_server_not_in_cluster_mode_is_refused(
     # Given a private Redis server that is not in cluster mode (started like the cluster's nodes)
     server = shutil.which("redis-server")
     assert server is not None
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
     )
     try:
-        probe = redis.Redis(port=port)
-        eventually(lambda: _pings(probe))
-        probe.close()
+        eventually(lambda: redis_answers(port))
 
         # When a cluster broker uses it, then it is told to use a redis:// URL instead
         broker = RedisClusterBroker(f"redis+cluster://127.0.0.1:{port}")
@@ -560,16 +525,3 @@ def test_a_cluster_url_naming_a_server_not_in_cluster_mode_is_refused(
     finally:
         process.kill()
         process.wait(30)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
