@@ -16,6 +16,7 @@ best time of each and their ratio. The database is flushed between runs: use one
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -217,21 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.n
     if phases & {"enqueue", "bulk"}:
         app = load_app(args.redis, results=False)
-        if "enqueue" in phases:
+        contests = [
+            ("enqueue", "enqueue one by one:", bare_enqueue, celeriac_enqueue),
+            ("bulk", "enqueue bulk:      ", bare_bulk, celeriac_bulk),
+        ]
+        for phase, label, bare, ours in contests:
+            if phase not in phases:
+                continue
             bare_s, ours_s = best_of(
-                args.repeat, client.flushdb, lambda: bare_enqueue(client, n), lambda: celeriac_enqueue(app, n)
+                args.repeat,
+                client.flushdb,
+                functools.partial(bare, client, n),
+                functools.partial(ours, app, n),
             )
             print(
-                f"enqueue one by one: bare {n / bare_s:,.0f}/s ({bare_s / n * 1e6:.1f} us)  celeriac "
-                f"{n / ours_s:,.0f}/s ({ours_s / n * 1e6:.1f} us)  ratio {bare_s / ours_s:.2f}",
-                flush=True,
-            )
-        if "bulk" in phases:
-            bare_s, ours_s = best_of(
-                args.repeat, client.flushdb, lambda: bare_bulk(client, n), lambda: celeriac_bulk(app, n)
-            )
-            print(
-                f"enqueue bulk:       bare {n / bare_s:,.0f}/s ({bare_s / n * 1e6:.1f} us)  celeriac "
+                f"{label} bare {n / bare_s:,.0f}/s ({bare_s / n * 1e6:.1f} us)  celeriac "
                 f"{n / ours_s:,.0f}/s ({ours_s / n * 1e6:.1f} us)  ratio {bare_s / ours_s:.2f}",
                 flush=True,
             )

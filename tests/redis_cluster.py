@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import wait_until
+from tests.conftest import redis_answers, wait_until
 
 MASTERS = 3
 
@@ -88,16 +88,6 @@ def _tools() -> tuple[str, str]:
     return server, cli
 
 
-def _answers(cluster: PrivateCluster, port: int) -> bool:
-    client = cluster.node(port)
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-    finally:
-        client.close()
-
-
 def _settled(cluster: PrivateCluster) -> bool:
     """Whether every node sees every node and all slots served, with the cluster up."""
     for port in cluster.ports:
@@ -128,7 +118,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateC
             args += ["--save", "", "--appendonly", "no"]
             cluster.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
         for port in cluster.ports:
-            wait_until(lambda port=port: _answers(cluster, port), timeout=10, what=f"redis-server on {port}")
+            wait_until(lambda port=port: redis_answers(port), timeout=10, what=f"redis-server on {port}")
         addresses = [f"127.0.0.1:{port}" for port in cluster.ports]
         subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
