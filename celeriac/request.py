@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _FIELDS: dict[str, Any] = {
@@ -34,6 +34,9 @@ _FIELDS: dict[str, Any] = {
     "called_directly": True,
     "shadow": None,
 }
+
+
+_REST = "_celeriac_rest"  # where a request built by `Request.of` keeps its not yet computed fields
 
 
 class Request:
@@ -67,10 +70,17 @@ class Request:
     shadow: Any
 
     @classmethod
-    def of(cls, fields: dict[str, Any]) -> Request:
-        """A request whose attributes are `fields`, taken as they are: it must name every field."""
+    def of(cls, fields: dict[str, Any], rest: Callable[[], dict[str, Any]] | None = None) -> Request:
+        """A request whose attributes are `fields`, taken as they are.
+
+        Between them, `fields` and what `rest()` returns must name every field. `rest` runs
+        once, the first time a field it gives is read: the worker passes the fields a task
+        seldom reads that way, so a task that never reads them never pays for them.
+        """
         request = cls.__new__(cls)
         request.__dict__ = fields
+        if rest is not None:
+            fields[_REST] = rest
         return request
 
     def __init__(self, values: Mapping[str, Any] | None = None, **fields: Any) -> None:
@@ -79,12 +89,26 @@ class Request:
             self.__dict__.update(values)
         self.__dict__.update(fields)
 
+    def __getattr__(self, name: str) -> Any:  # only for names not yet in __dict__
+        fields = self.__dict__
+        if _REST not in fields:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._complete()
+        return getattr(self, name)
+
+    def _complete(self) -> None:
+        rest = self.__dict__.pop(_REST, None)
+        if rest is not None:
+            self.__dict__.update(rest())
+
     def get(self, name: str, default: Any = None) -> Any:
         """Return a field by name, or `default`."""
+        self._complete()
         return self.__dict__.get(name, default)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the fields as a plain dict."""
+        self._complete()
         return dict(self.__dict__)
 
     def __repr__(self) -> str:

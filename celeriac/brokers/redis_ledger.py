@@ -46,7 +46,8 @@ class Ledger:
         self.lease_timeout = lease_timeout
         self._own_tags = consumer_id + TAG_SEP
         self._handed: collections.Counter[bytes] = collections.Counter()
-        self._books = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._books = threading.Condition(self._lock)  # waits on `_lock`, which the rest takes directly
         self._fetching = 0
         self._reconciling = False
         self._unsure = False  # a fetch failed and no reading has succeeded since
@@ -90,7 +91,7 @@ class Ledger:
 
     def leave_fetch(self, found: Sequence[Delivery]) -> None:
         """Count the payloads a fetch returned and the fetch as ended, in one step: no reading misses them."""
-        with self._books:
+        with self._lock:
             if found:
                 self._handed.update(delivery.payload for delivery in found)
             self._fetching -= 1
@@ -139,8 +140,8 @@ class Ledger:
     def settled(self, deliveries: Sequence[Delivery]) -> None:
         """Take deliveries off the count once acked, released or dead-lettered through this object."""
         own = self._own_tags
-        with self._books:
-            handed = self._handed
+        handed = self._handed
+        with self._lock:
             for delivery in deliveries:
                 if delivery.tag.startswith(own):
                     left = handed[delivery.payload] - 1

@@ -113,6 +113,8 @@ class TaskMessage:
         limits = self.headers.get("timelimit")
         if not limits:
             return None, None
+        if len(limits) == 2:  # as Celery sends it
+            return limits[0], limits[1]
         hard, soft = [*list(limits), None, None][:2]
         return hard, soft
 
@@ -179,11 +181,17 @@ def decode_task(envelope: Envelope, accept: frozenset[str]) -> TaskMessage:
 def _check_headers(message: TaskMessage) -> None:
     """Read now every header the worker acts on, so a malformed one is refused instead of crashing it."""
     headers = message.headers
+    get = headers.get
     try:
-        if headers.get("eta") is not None or headers.get("expires") is not None:
+        if get("eta") is not None or get("expires") is not None:
             _ = message.eta, message.expires
-        _ = message.retries, message.priority
-        if headers.get("timelimit"):
+        retries, priority = get("retries"), message.properties.get("priority")
+        if retries:
+            int(retries)
+        if priority:
+            int(priority)
+        limits = get("timelimit")
+        if limits and limits != [None, None]:  # Celery sends [None, None] for no limits
             _ = [float(limit) for limit in message.timelimit if limit is not None]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed task header: {exc}") from exc

@@ -25,41 +25,57 @@ logger = logging.getLogger("celeriac.worker")
 
 
 def build_request(job: Job, task: Task[Any, Any]) -> Request:
-    """Turn a job's message into the `self.request` its task sees."""
+    """Turn a job's message into the `self.request` its task sees.
+
+    The fields a task run needs are set now; the rest are read from the message the first
+    time the task (or a handler) asks for one.
+    """
     message = job.message
-    headers = message.headers
     embed = message.embed
-    get = headers.get
     return Request.of(
         {
             "id": message.id,
             "task": task.name,
             "args": tuple(message.args),
             "kwargs": dict(message.kwargs),
-            "retries": int(get("retries") or 0),
-            "eta": get("eta"),
-            "expires": get("expires"),
             "hostname": job.hostname,
-            "delivery_info": job.delivery_info,
-            "root_id": get("root_id"),
-            "parent_id": get("parent_id"),
-            "group": get("group"),
-            "group_index": get("group_index"),
-            "origin": get("origin"),
-            "shadow": get("shadow"),
-            "reply_to": message.properties.get("reply_to"),
-            "correlation_id": message.properties.get("correlation_id") or message.id,
-            "timelimit": (job.hard_limit, job.soft_limit),
             "callbacks": embed.get("callbacks"),
             "errbacks": embed.get("errbacks"),
             "chain": embed.get("chain"),
             "chord": embed.get("chord"),
-            "headers": dict(headers),
-            "ignore_result": bool(get("ignore_result")),
+            "ignore_result": bool(message.headers.get("ignore_result")),
             "is_eager": False,
             "called_directly": False,
-        }
+        },
+        lambda: _seldom_read(job),
     )
+
+
+def _seldom_read(job: Job) -> dict[str, Any]:
+    message = job.message
+    headers = message.headers
+    get = headers.get
+    return {
+        "retries": int(get("retries") or 0),
+        "eta": get("eta"),
+        "expires": get("expires"),
+        "root_id": get("root_id"),
+        "parent_id": get("parent_id"),
+        "group": get("group"),
+        "group_index": get("group_index"),
+        "origin": get("origin"),
+        "shadow": get("shadow"),
+        "reply_to": message.properties.get("reply_to"),
+        "correlation_id": message.properties.get("correlation_id") or message.id,
+        "timelimit": (job.hard_limit, job.soft_limit),
+        "headers": dict(headers),
+        "delivery_info": {
+            "exchange": "",
+            "routing_key": job.delivery.queue,
+            "priority": message.priority,
+            "redelivered": job.delivery.redelivered,
+        },
+    }
 
 
 def is_expired(message: TaskMessage) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from celeriac.brokers.base import Delivery
 from celeriac.protocol.message import TaskMessage
@@ -20,7 +19,6 @@ class Job:
     key: int
     message: TaskMessage
     delivery: Delivery
-    delivery_info: dict[str, Any]
     hostname: str
     soft_limit: float | None
     hard_limit: float | None

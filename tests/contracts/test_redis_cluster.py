@@ -367,6 +367,19 @@ def _listeners(redis_cluster: PrivateCluster) -> list[tuple[int, dict[str, Any]]
     return found
 
 
+def _the_live_listener(redis_cluster: PrivateCluster, outcome: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The one listener subscribed to its wake-up channel and one result channel, and its node's port."""
+    try:
+        [(port, connection)] = eventually(
+            lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"]
+        )
+    except AssertionError as failure:  # say what there is instead, should this ever fail
+        seen = [(p, c["sub"], c["cmd"], c["age"]) for p, c in _listeners(redis_cluster)]
+        waiter_state = outcome or "still waiting"
+        raise AssertionError(f"listeners (port, sub, cmd, age): {seen}; waiter: {waiter_state}") from failure
+    return port, connection
+
+
 def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_node_and_gets_its_result(
     make_backend: MakeBackend, redis_cluster: PrivateCluster
 ) -> None:
@@ -384,9 +397,7 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    [(port, connection)] = eventually(
-        lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"]
-    )
+    port, connection = _the_live_listener(redis_cluster, outcome)
 
     # When that connection is killed
     node = redis_cluster.node(port)
@@ -394,14 +405,7 @@ def test_a_waiter_whose_listener_loses_its_node_connection_moves_to_the_next_nod
     node.close()
 
     # Then the listener subscribes again on another node, and the waiter gets the result stored next
-    try:
-        [(moved_to, _)] = eventually(
-            lambda: [(p, c) for p, c in _listeners(redis_cluster) if c["sub"] == "2"]
-        )
-    except AssertionError as failure:  # say what there is instead, should this ever fail
-        seen = [(p, c["sub"]) for p, c in _listeners(redis_cluster)]
-        waiter_state = outcome or "still waiting"
-        raise AssertionError(f"listeners (port, sub): {seen}; waiter: {waiter_state}") from failure
+    moved_to, _ = _the_live_listener(redis_cluster, outcome)
     assert moved_to != port
     backend.store_result("t1", "after the move", states.SUCCESS)
     waiter.join(GENEROUS_TIMEOUT)

@@ -639,3 +639,35 @@ def test_the_workers_request_names_every_field_a_request_has() -> None:
         "node@host",
     )
     assert request.expires is not None and request.called_directly is False
+
+
+def test_a_workers_request_reads_its_seldom_used_fields_when_first_asked() -> None:
+    # Given the request a worker builds for a message with headers a task rarely reads
+    from celeriac.worker.consumer import Policy, make_job
+    from celeriac.worker.execution import build_request
+
+    app = Celery("lazy", broker="memory://")
+
+    @app.task(name="lazy.echo")
+    def echo(x: int) -> int:
+        return x
+
+    sent = app.send_task("lazy.echo", (1,), retries=2)
+    [delivery] = app.broker.fetch(["celery"], 1, timeout=1)
+    message = decode_task(unpack(delivery.payload), app.accept_content)
+    request = build_request(make_job(1, delivery, message, Policy.of(app, echo), "n@h"), echo)
+
+    # When a task reads them, by attribute or by name, they hold the message's values
+    assert request.retries == 2
+    assert request.get("root_id") == sent.id
+    assert request.delivery_info == {
+        "exchange": "",
+        "routing_key": "celery",
+        "priority": 0,
+        "redelivered": False,
+    }
+    assert request.correlation_id == sent.id
+
+    # And a name that is no field is still an AttributeError
+    with pytest.raises(AttributeError, match="no_such_field"):
+        _ = request.no_such_field
