@@ -148,7 +148,7 @@ def json_loads(data: bytes | str) -> Any:
     """Decode JSON, turning kombu's type tags back into Python values."""
     value = orjson.loads(data)
     raw = data if isinstance(data, bytes) else data.encode()
-    return _untag(value) if _TAG in raw else value
+    return _untag(value) if raw.find(_TAG) >= 0 else value  # find: `in` takes a slower path for bytes
 
 
 def _pickle_dumps(obj: Any) -> bytes:
