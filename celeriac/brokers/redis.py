@@ -137,6 +137,7 @@ class RedisBroker(Broker):
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
         self._spare = SpareConnections()  # out of the pool, for publishes
+        self._fetches = SpareConnections()  # the same, for the fetch script
         self._acks = DeferredCommands()  # single acks, confirmed before each fetch
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
@@ -196,6 +197,7 @@ class RedisBroker(Broker):
         self._main = self._fetcher = None
         self._opened = []
         self._spare = SpareConnections()  # the parent's, never closed here
+        self._fetches = SpareConnections()
         self._acks = DeferredCommands()
         self._take_own_consumer_id()
         self._consumer_changed()  # the parent's ledger (and its lock) are the parent's
@@ -207,6 +209,7 @@ class RedisBroker(Broker):
             return
         self._acks.close()  # confirms the last acks first
         self._spare.close()
+        self._fetches.close()
         with self._lock:
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
@@ -328,8 +331,21 @@ class RedisBroker(Broker):
             *self._queue_keys(order),
         ]
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
-        reply = self._script().fetch(keys, args, client=self._fetch_client())
-        return self._deliveries(consumer_id, order, reply)
+        return self._deliveries(consumer_id, order, self._run_fetch(keys, args))
+
+    def _run_fetch(self, keys: list[str], args: list[Arg]) -> Any:
+        """Run the fetch script once, never retried (a replayed fetch would lease twice).
+
+        On a spare connection, not through redis-py's call machinery: that costs as much
+        CPU as a whole batch's script, and a busy worker fetches every few dozen tasks.
+        """
+        script, client = self._script().fetch, self._fetch_client()
+        call = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return self._fetches.run(client, *call, check=True)
+        except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH)
+            client.script_load(script.script)
+            return self._fetches.run(client, *call, check=True)
 
     def _wait(self, names: tuple[str, ...], limit: int, remaining: float) -> list[Delivery]:
         # The _take before this registered our lease, so what BLMOVE lands is already leased.

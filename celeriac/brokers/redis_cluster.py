@@ -124,6 +124,10 @@ class RedisClusterBroker(RedisBroker):
                 break
         return found
 
+    def _run_fetch(self, keys: list[str], args: list[Arg]) -> Any:
+        # The cluster client routes the script to the node that serves the queue's slot.
+        return self._script().fetch(keys, args, client=self._fetch_client())
+
     def _reconcile(self) -> None:
         """Give back what this consumer's in-flight lists hold that this object never handed out."""
         ledger = self._ledger

@@ -174,6 +174,23 @@ def test_fetch_moves_messages_into_the_consumers_inflight_list(broker: RedisBrok
     assert raw.llen(inflight(broker)) == 0
 
 
+def test_a_fetch_after_the_server_lost_its_scripts_loads_the_script_again(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that has fetched before, and a server that then forgot every script
+    broker.publish([Outgoing(QUEUE, f"m{n}".encode()) for n in range(3)])
+    first = broker.fetch([QUEUE], 1, timeout=1)
+    raw.script_flush()
+
+    # When it fetches again
+    again = broker.fetch([QUEUE], 2, timeout=1)
+
+    # Then it leases the next messages once each, as if nothing had happened
+    assert [d.payload for d in first + again] == [b"m0", b"m1", b"m2"]
+    assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m0", b"m1", b"m2"]
+    assert raw.llen(QUEUE) == 0
+
+
 def test_a_lapsed_consumers_messages_come_back_marked_redelivered_and_counted(
     make_broker: MakeBroker, raw: redis.Redis
 ) -> None:
