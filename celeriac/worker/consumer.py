@@ -67,9 +67,12 @@ class Consumer:
             self._complete(completion)
 
     def _fetch(self) -> None:
-        budget = self.settings.prefetch_limit - len(self.reserved) - len(self.active)
-        if budget <= 0 or (self.reserved and budget < self.settings.prefetch_limit // 2):
-            return  # top up in batches, not one message per finished task
+        limit = self.settings.prefetch_limit
+        budget = limit - len(self.reserved) - len(self.active)
+        if budget <= 0 or len(self.reserved) > limit // 4:
+            # Top up in large batches, not one message per finished task: each fetch costs
+            # about as much again as the messages it brings.
+            return
         busy = bool(self.reserved or self.active)
         timeout = 0.0 if busy else self.settings.idle_wait
         for delivery in self.broker.fetch(self.settings.queues, budget, timeout):

@@ -671,3 +671,29 @@ def test_a_workers_request_reads_its_seldom_used_fields_when_first_asked() -> No
     # And a name that is no field is still an AttributeError
     with pytest.raises(AttributeError, match="no_such_field"):
         _ = request.no_such_field
+
+
+def test_a_busy_consumer_tops_up_its_prefetch_in_large_batches() -> None:
+    # Given a solo consumer with a prefetch limit of 8 and 20 messages waiting
+    from celeriac.worker.consumer import Consumer, Settings
+    from celeriac.worker.pools.solo import SoloPool
+
+    app = Celery("batches", broker="memory://")
+
+    @app.task(name="batches.noop")
+    def noop(n: int) -> int:
+        return n
+
+    for n in range(20):
+        noop.delay(n)
+    broker = app.broker
+    consumer = Consumer(app, broker, SoloPool(app, 1), Settings("n@h", ("celery",), 8, 10))
+
+    # When it runs them all, noting how many stay in the queue after each step
+    left = []
+    while consumer.processed < 20:
+        consumer.step()
+        left.append(broker.size("celery"))
+
+    # Then it took a full batch first, and more only once a quarter of its prefetch remained
+    assert sorted(set(left), reverse=True) == [12, 6, 0]
