@@ -33,7 +33,7 @@ import redis
 
 from celeriac.redis_spare import packed, write
 
-MOST_PENDING = 64  # commands written before a confirmation is awaited, with no fetch between
+MOST_PENDING = 256  # commands written before a confirmation is awaited, with no wait between
 _QUIET = packed(("CLIENT", "REPLY", "OFF"))
 _CONFIRM = packed(("CLIENT", "REPLY", "ON")) + _QUIET
 _LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
