@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from celeriac.brokers.base import Delivery
 
 _HEADER = struct.Struct("<qddiiiq")
+_SEQ = struct.Struct("<q")
 CAPACITY = 1 << 20  # a payload that does not fit is not recorded; the parent then cannot settle it
 _TRIES = 100
 
@@ -48,15 +49,12 @@ class RunningSlot:
             lengths = (len(tag), len(queue), -1)
         else:
             lengths = (len(tag), len(queue), len(payload))
-        self._write_seq(self._seq + 1)
-        _HEADER.pack_into(
-            self._map, 0, self._seq, time.monotonic(), hard_limit or 0.0, *lengths, delivery.attempts
-        )
-        at = _HEADER.size
-        for chunk in (tag, queue, payload):
-            self._map[at : at + len(chunk)] = chunk
-            at += len(chunk)
-        self._write_seq(self._seq + 1)
+        seq = self._seq + 1
+        self._write_seq(seq)
+        _HEADER.pack_into(self._map, 0, seq, time.monotonic(), hard_limit or 0.0, *lengths, delivery.attempts)
+        record = tag + queue + payload
+        self._map[_HEADER.size : _HEADER.size + len(record)] = record
+        self._write_seq(seq + 1)
 
     def end(self) -> None:
         """Record that the task ended (in the child)."""
@@ -65,7 +63,7 @@ class RunningSlot:
 
     def _write_seq(self, seq: int) -> None:
         self._seq = seq
-        struct.pack_into("<q", self._map, 0, seq)
+        _SEQ.pack_into(self._map, 0, seq)
 
     def deadline(self) -> float | None:
         """The monotonic time at which the running task passes its hard limit, if any (in the parent)."""
