@@ -6,15 +6,16 @@ consumer waits for more work. Written one by one, each ack wakes an idle server,
 small virtual machine that wake-up costs the worker about as much as the rest of a no-op task.
 `DeferredCommands` keeps one connection per process for such commands instead:
 
-- The connection runs with CLIENT REPLY OFF, so Redis sends nothing back and this side never
-  holds unread data. (A socket closed with unread data is reset, and what it had not yet sent
-  is dropped.)
+- The connection runs with CLIENT REPLY OFF, so Redis sends nothing back and this side holds
+  unread data only while `call` or `confirm` waits for its reply, when nothing is left corked.
+  (A socket closed with unread data is reset, and what it had not yet sent is dropped.)
 - On TCP it is corked (TCP_CORK): a command goes into the kernel's send buffer, which the
-  kernel sends when a packet is full, after 200 ms at most, when `confirm` uncorks it, or when
+  kernel sends when a packet is full, after 200 ms at most, when `call` or `confirm` uncorks it, or when
   the socket is closed, which includes the death of the process. A command written is
   therefore never lost with the process, only with the machine.
-- `flush` uncorks without waiting: a consumer busy with prefetched work has Redis run its acks
-  alongside. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has
+- `call` sends one more command behind them (a busy consumer's next fetch) and reads its
+  reply: one system call and one wake-up of Redis carry the acks, the fetch and their
+  confirmation. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has
   run, then CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command
   written since the last confirmation is sent again on a fresh connection; only commands that
   may safely run twice are sent this way.
@@ -35,7 +36,8 @@ from celeriac.redis_spare import packed, write
 
 MOST_PENDING = 256  # commands written before a confirmation is awaited, with no wait between
 _QUIET = packed(("CLIENT", "REPLY", "OFF"))
-_CONFIRM = packed(("CLIENT", "REPLY", "ON")) + _QUIET
+_REPLY_ON = packed(("CLIENT", "REPLY", "ON"))
+_CONFIRM = _REPLY_ON + _QUIET
 _LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -63,20 +65,51 @@ class DeferredCommands:
                 was not written (earlier ones are kept and sent again).
         """
         with self._lock:
-            if client is not self._client:
-                self._lose()  # what is pending goes again on the new client's connection
-                self._client = client
-            if self._connection is None or self._connection._sock is None:  # closed under us
-                self._lose()
-                self._reconnect()
-            elif len(self._pending) >= self._most_pending:
+            connection = self._ready(client)
+            if len(self._pending) >= self._most_pending:
                 self._confirm()  # before writing: a command once written is never reported lost
+                connection = self._connection
             try:
-                write(self._connection, command)
+                write(connection, command)
             except BaseException:
                 self._lose()
                 raise
             self._pending.append(command)
+
+    def call(self, client: redis.Redis, command: bytes) -> Any:
+        """Run `command` after every command written so far, and return its reply.
+
+        The earlier commands go out with it, in one system call, and its round trip confirms
+        them: a busy consumer's fetch carries the acks of the tasks it ran. `command` itself is
+        never sent twice: should the connection fail, this raises, and only the earlier
+        commands are kept to be sent again.
+
+        Args:
+            client: Whose pool lends the connection.
+            command: The command in RESP (see `redis_spare.packed`).
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached.
+            redis.ResponseError: Redis refused `command`; the connection stays in use.
+        """
+        with self._lock:
+            connection = self._ready(client)
+            try:
+                if self._quiet:
+                    write(connection, _REPLY_ON + command + _QUIET)
+                    if self._corked:
+                        _uncork(connection._sock)
+                    connection.read_response()  # ON's +OK: every earlier command has run
+                else:
+                    write(connection, command)
+                    self._read_pending(connection)
+                self._pending.clear()
+                return connection.read_response()
+            except redis.ResponseError:
+                raise  # the command's own error reply: the connection is sound
+            except BaseException:
+                self._lose()
+                raise
 
     def confirm(self) -> None:
         """Return once every command written so far has run, sending again what was lost.
@@ -88,16 +121,6 @@ class DeferredCommands:
         with self._lock:
             if self._pending:
                 self._confirm()
-
-    def flush(self) -> None:
-        """Have the kernel send what is written now, without waiting for Redis to run it."""
-        with self._lock:
-            if not (self._pending and self._corked and self._connection is not None):
-                return
-            try:
-                _uncork(self._connection._sock)
-            except redis.ConnectionError:
-                self._lose()  # what is pending goes again at the next confirm
 
     def close(self) -> None:
         """Confirm what can be confirmed, then close the connection (never pooled again as it is)."""
@@ -144,17 +167,31 @@ class DeferredCommands:
             raise
         return connection
 
+    def _ready(self, client: redis.Redis) -> Any:
+        """The connection to write on, opened again (with what is pending) if it was lost."""
+        if client is not self._client:
+            self._lose()  # what is pending goes again on the new client's connection
+            self._client = client
+        if self._connection is None or self._connection._sock is None:  # closed under us
+            self._lose()
+            self._reconnect()
+        return self._connection
+
     def _await(self, connection: Any) -> None:
         """Push out what is written and wait until Redis has run all of it."""
         if not self._quiet:
-            for _ in self._pending:
-                with contextlib.suppress(redis.ResponseError):  # an ack of something gone
-                    connection.read_response()
+            self._read_pending(connection)
             return
         write(connection, _CONFIRM)
         if self._corked:
             _uncork(connection._sock)
         connection.read_response()
+
+    def _read_pending(self, connection: Any) -> None:
+        # A server that refuses CLIENT REPLY answers every pending command.
+        for _ in self._pending:
+            with contextlib.suppress(redis.ResponseError):  # an ack of something gone
+                connection.read_response()
 
     def _lose(self) -> None:
         if self._connection is not None:

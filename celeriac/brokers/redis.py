@@ -72,7 +72,7 @@ from celeriac.exceptions import BrokerError, OperationalError
 from celeriac.redis_connection import Role, Translated, close_client, endpoint, no_retry
 from celeriac.redis_connection import sentinel_hosts as sentinel_hosts  # re-exported
 from celeriac.redis_deferred import DeferredCommands
-from celeriac.redis_spare import SpareConnections, lrem_last
+from celeriac.redis_spare import SpareConnections, lrem_last, packed
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,6 @@ class RedisBroker(Broker):
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
         self._spare = SpareConnections()  # out of the pool, for publishes
-        self._fetches = SpareConnections()  # the same, for the fetch script
         self._acks = DeferredCommands()  # single acks, confirmed before each fetch
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
@@ -197,7 +196,6 @@ class RedisBroker(Broker):
         self._main = self._fetcher = None
         self._opened = []
         self._spare = SpareConnections()  # the parent's, never closed here
-        self._fetches = SpareConnections()
         self._acks = DeferredCommands()
         self._take_own_consumer_id()
         self._consumer_changed()  # the parent's ledger (and its lock) are the parent's
@@ -209,7 +207,6 @@ class RedisBroker(Broker):
             return
         self._acks.close()  # confirms the last acks first
         self._spare.close()
-        self._fetches.close()
         with self._lock:
             opened, self._opened = self._opened, []
             self._main = self._fetcher = None
@@ -315,10 +312,6 @@ class RedisBroker(Broker):
             raise
         finally:
             ledger.leave_fetch(found)
-            if timeout <= 0:
-                # Busy: the acks go out now, after the fetch rather than ahead of it, so Redis
-                # runs them while the tasks run instead of while this fetch waits.
-                self._acks.flush()  # never raises: a lost connection waits for the next confirm
 
     def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
         start = next(self._turn) % len(names)
@@ -336,16 +329,16 @@ class RedisBroker(Broker):
     def _run_fetch(self, keys: list[str], args: list[Arg]) -> Any:
         """Run the fetch script once, never retried (a replayed fetch would lease twice).
 
-        On a spare connection, not through redis-py's call machinery: that costs as much
-        CPU as a whole batch's script, and a busy worker fetches every few dozen tasks.
+        It goes on the ack connection, behind the acks written since the last fetch: one
+        system call and one wake-up of Redis send them all, and the reply confirms them.
         """
-        script, client = self._script().fetch, self._fetch_client()
-        call = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        script, client = self._script().fetch, self._client()
+        call = packed(("EVALSHA", script.sha, len(keys), *keys, *args))
         try:
-            return self._fetches.run(client, *call, check=True)
+            return self._acks.call(client, call)
         except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH)
             client.script_load(script.script)
-            return self._fetches.run(client, *call, check=True)
+            return self._acks.call(client, call)
 
     def _wait(self, names: tuple[str, ...], limit: int, remaining: float) -> list[Delivery]:
         # The _take before this registered our lease, so what BLMOVE lands is already leased.

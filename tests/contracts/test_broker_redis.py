@@ -482,6 +482,21 @@ def test_a_consumer_that_never_waits_still_has_its_acks_confirmed_in_batches(
     assert raw.llen(inflight(broker)) <= 2
 
 
+def test_a_busy_fetch_carries_the_acks_written_before_it_and_returns_once_they_ran(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased two messages and acked the first, as a busy worker does
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(3)])
+    first, second = broker.fetch([QUEUE], 2, timeout=1)
+    broker.ack([first])
+
+    # When it fetches again without waiting
+    [third] = broker.fetch([QUEUE], 1, timeout=0)
+
+    # Then the ack has run by the time the fetch returns: no confirmation of its own, no timer
+    assert raw.lrange(inflight(broker), 0, -1) == [third.payload, second.payload]
+
+
 def _ack_one_and_die(broker: RedisBroker) -> None:
     broker.reset_after_fork()
     first, _ = broker.fetch([QUEUE], 2, timeout=5)
@@ -872,9 +887,11 @@ def test_acks_run_on_a_server_that_refuses_client_reply(redis_without_client_com
         broker.publish([Outgoing(QUEUE, b"a"), Outgoing(QUEUE, b"b"), Outgoing(QUEUE, b"c")])
         leased = broker.fetch([QUEUE], 3, timeout=1)
 
-        # When each is acked on its own, as a worker does before each task, and it fetches again
+        # When each is acked on its own, as a worker does before each task, and it fetches
+        # again at once, as a busy worker does, then once more, ready to wait
         for delivery in leased:
             broker.ack([delivery])
+        assert broker.fetch([QUEUE], 1, timeout=0) == []
         assert broker.fetch([QUEUE], 1, timeout=0.1) == []
 
         # Then every ack ran (their replies read, not left to pile up) and the broker still works
