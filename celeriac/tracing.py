@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback as tb
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,20 +59,59 @@ def _extended(task: Task[Any, Any], request: Request) -> dict[str, Any]:
     return extra
 
 
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """Which of `Task`'s no-op hooks a task class overrides, and how to call its body.
+
+    As in Celery, a hook counts only when the class overrides it: the worker skips the rest.
+    """
+
+    before_start: bool
+    on_success: bool
+    after_return: bool
+    custom_call: bool
+
+    def body(self, task: Task[Any, Any]) -> Callable[..., Any]:
+        """The task's `__call__` if its class overrides it, else straight its `run`."""
+        return task if self.custom_call else task.run
+
+
+_HOOKS: dict[type, Hooks] = {}  # by task class: classes do not change once tasks run
+
+
+def _hooks_of(kind: type) -> Hooks:
+    hooks = _HOOKS.get(kind)
+    if hooks is None:
+        from celeriac.task import Task  # at run time: task.py imports this module's users
+
+        def overrides(name: str) -> bool:
+            return getattr(kind, name) is not getattr(Task, name)
+
+        hooks = _HOOKS[kind] = Hooks(
+            overrides("before_start"),
+            overrides("on_success"),
+            overrides("after_return"),
+            overrides("__call__"),
+        )
+    return hooks
+
+
 class Tracer:
     """Runs a task's body with its handlers and stores what happened in the backend."""
 
     def __init__(self, task: Task[Any, Any], backend: ResultBackend | None, store: bool = True) -> None:
         self.task = task
         self.backend = backend if store else None
+        self.hooks = _hooks_of(type(task))
 
     def run(self, request: Request, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outcome:
         """Run the task for `request` and return its outcome."""
         started = time.perf_counter()
         token = enter(request)  # by hand, not `with running(...)`: this runs once per task
         try:
-            self.task.before_start(request.id, args, kwargs)
-            value = self.task(*args, **kwargs)
+            if self.hooks.before_start:
+                self.task.before_start(request.id, args, kwargs)
+            value = self.hooks.body(self.task)(*args, **kwargs)
         except Retry as signal:
             return self._retried(request, signal, started)
         except Ignore:
@@ -108,7 +147,8 @@ class Tracer:
         if not request.is_eager and (request.callbacks or request.chain or request.chord):
             send_followups(self.task.app, request, value)
             complete_chord_part(self.task.app, request, states.SUCCESS, value)
-        self.task.on_success(value, request.id, request.args, request.kwargs)
+        if self.hooks.on_success:
+            self.task.on_success(value, request.id, request.args, request.kwargs)
         self._after(states.SUCCESS, value, request, None)
         return Outcome(states.SUCCESS, value, time.perf_counter() - started)
 
@@ -145,6 +185,8 @@ class Tracer:
             logger.exception("%s handler of task %s raised", hook.__name__, self.task.name)
 
     def _after(self, state: str, value: Any, request: Request, trace: str | None) -> None:
+        if not self.hooks.after_return:
+            return
         try:
             self.task.after_return(state, value, request.id, request.args, request.kwargs, trace)
         except Exception:

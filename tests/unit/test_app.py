@@ -697,3 +697,35 @@ def test_a_busy_consumer_tops_up_its_prefetch_in_large_batches() -> None:
 
     # Then it took a full batch first, and more only once a quarter of its prefetch remained
     assert sorted(set(left), reverse=True) == [12, 6, 0]
+
+
+def test_a_task_class_that_overrides_before_start_and_call_has_both_run() -> None:
+    # Given a base task class that overrides before_start and __call__, and a task on it
+    from celeriac import Task
+
+    seen: list[str] = []
+
+    class Watched(Task):  # type: ignore[type-arg]
+        def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+            seen.append(f"before_start {list(args)}")
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            seen.append("__call__")
+            return super().__call__(*args, **kwargs)
+
+    app = Celery("hooks", broker="memory://")
+
+    @app.task(base=Watched, name="hooks.double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    @app.task(name="hooks.plain")
+    def plain(x: int) -> int:
+        return x
+
+    # When each runs through the tracer
+    results = (double.apply((4,)).get(), plain.apply((5,)).get())
+
+    # Then the overridden hooks ran for the task that has them, and both returned their values
+    assert results == (8, 5)
+    assert seen == ["before_start [4]", "__call__"]
