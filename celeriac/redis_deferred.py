@@ -10,15 +10,15 @@ small virtual machine that wake-up costs the worker about as much as the rest of
   unread data only while `call` or `confirm` waits for its reply, when nothing is left corked.
   (A socket closed with unread data is reset, and what it had not yet sent is dropped.)
 - On TCP it is corked (TCP_CORK): a command goes into the kernel's send buffer, which the
-  kernel sends when a packet is full, after 200 ms at most, when `call` or `confirm` uncorks it, or when
-  the socket is closed, which includes the death of the process. A command written is
-  therefore never lost with the process, only with the machine.
+  kernel sends when a packet is full, after 200 ms at most, when `call` or `confirm` uncorks
+  it, or when the socket is closed, which includes the death of the process. A command
+  written is therefore never lost with the process, only with the machine.
 - `call` sends one more command behind them (a busy consumer's next fetch) and reads its
   reply: one system call and one wake-up of Redis carry the acks, the fetch and their
-  confirmation. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command has
-  run, then CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command
+  confirmation. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command
+  has run, then CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command
   written since the last confirmation is sent again on a fresh connection; only commands that
-  may safely run twice are sent this way.
+  may safely run twice are sent this way (never the command of a `call`).
 
 A server that refuses CLIENT REPLY gets plain writes, whose replies `confirm` reads.
 """

@@ -101,6 +101,10 @@ class Request:
         if rest is not None:
             self.__dict__.update(rest())
 
+    def __getstate__(self) -> dict[str, Any]:
+        self._complete()  # a copy or a pickle takes the fields, not what computes some of them
+        return self.__dict__
+
     def get(self, name: str, default: Any = None) -> Any:
         """Return a field by name, or `default`."""
         self._complete()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import sys
 import uuid
 from collections.abc import Iterator
@@ -671,6 +672,10 @@ def test_a_workers_request_reads_its_seldom_used_fields_when_first_asked() -> No
     # And a name that is no field is still an AttributeError
     with pytest.raises(AttributeError, match="no_such_field"):
         _ = request.no_such_field
+
+    # And a request not yet read in full pickles with every field
+    unread = build_request(make_job(2, delivery, message, Policy.of(app, echo), "n@h"), echo)
+    assert pickle.loads(pickle.dumps(unread)).as_dict() == request.as_dict()
 
 
 def test_a_busy_consumer_tops_up_its_prefetch_in_large_batches() -> None:
