@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 
-from celeriac.redis_spare import packed, write
+from celeriac.redis_spare import drop, packed, write
 
 MOST_PENDING = 256  # commands written before a confirmation is awaited, with no wait between
 _QUIET = packed(("CLIENT", "REPLY", "OFF"))
@@ -96,9 +96,7 @@ class DeferredCommands:
             connection = self._ready(client)
             try:
                 if self._quiet:
-                    write(connection, _REPLY_ON + command + _QUIET)
-                    if self._corked:
-                        _uncork(connection._sock)
+                    self._push(connection, _REPLY_ON + command + _QUIET)
                     connection.read_response()  # ON's +OK: every earlier command has run
                 else:
                     write(connection, command)
@@ -150,7 +148,7 @@ class DeferredCommands:
                 write(connection, b"".join(self._pending))
                 self._await(connection)
         except BaseException:
-            _drop(self._client, connection)
+            drop(self._client, connection)
             raise
         self._pending.clear()
         self._connection = connection
@@ -163,7 +161,7 @@ class DeferredCommands:
             self._quiet = _replies_ok(connection)
             self._corked = self._quiet and _cork(connection._sock)
         except BaseException:
-            _drop(client, connection)
+            drop(client, connection)
             raise
         return connection
 
@@ -182,10 +180,14 @@ class DeferredCommands:
         if not self._quiet:
             self._read_pending(connection)
             return
-        write(connection, _CONFIRM)
+        self._push(connection, _CONFIRM)
+        connection.read_response()
+
+    def _push(self, connection: Any, data: bytes) -> None:
+        """Write `data` and have the kernel send it now, with everything corked before it."""
+        write(connection, data)
         if self._corked:
             _uncork(connection._sock)
-        connection.read_response()
 
     def _read_pending(self, connection: Any) -> None:
         # A server that refuses CLIENT REPLY answers every pending command.
@@ -196,7 +198,7 @@ class DeferredCommands:
     def _lose(self) -> None:
         if self._connection is not None:
             assert self._client is not None
-            _drop(self._client, self._connection)
+            drop(self._client, self._connection)
             self._connection = None
 
 
@@ -235,9 +237,3 @@ def _uncork(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     except OSError as exc:
         raise redis.ConnectionError(f"Error sending on the Redis socket: {exc}") from exc
-
-
-def _drop(client: redis.Redis, connection: Any) -> None:
-    """Close a connection and hand it back to its pool, which opens it afresh if it lends it again."""
-    connection.disconnect()
-    client.connection_pool.release(connection)

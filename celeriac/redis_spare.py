@@ -42,7 +42,7 @@ class SpareConnections:
             write(connection, packed(args))
             reply = connection.read_response()
         except BaseException:
-            _drop(client, connection)
+            drop(client, connection)
             raise
         self._idle.append((client, connection))
         return reply
@@ -57,7 +57,7 @@ class SpareConnections:
                 owner.connection_pool.release(connection)
                 continue
             if check and _stale(connection):
-                _drop(client, connection)
+                drop(client, connection)
                 continue
             return connection
 
@@ -124,7 +124,7 @@ def _stale(connection: Any) -> bool:
         return True
 
 
-def _drop(client: redis.Redis, connection: Any) -> None:
+def drop(client: redis.Redis, connection: Any) -> None:
     """Forget a connection in an unknown state: never use it again as it is."""
     connection.disconnect()
     client.connection_pool.release(connection)

@@ -137,7 +137,7 @@ class RedisBroker(Broker):
         self._opened: list[redis.Redis] = []  # every client made
         self._declared: set[str] = set()
         self._spare = SpareConnections()  # out of the pool, for publishes
-        self._acks = DeferredCommands()  # single acks, confirmed before each fetch
+        self._acks = DeferredCommands()  # single acks, and the busy fetch that confirms them
         self._fetch_keys: dict[tuple[str, ...], list[str]] = {}
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
@@ -431,9 +431,9 @@ class RedisBroker(Broker):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Forget processed messages, in one round trip.
 
-        One ack is sent without waiting for its reply (read before this thread's next
-        command, and the ack sent again if that reply was lost with its connection), so an
-        early-acked task starts without waiting a round trip.
+        One ack is written to the process's ack connection and not waited for: the next
+        fetch carries it, or a confirmation before the next wait (see `DeferredCommands`), so
+        an early-acked task starts without waiting a round trip.
 
         Args:
             deliveries: Messages fetched through any broker object on this Redis; ones no

@@ -611,6 +611,12 @@ def test_group_members_carry_the_group_id_their_index_and_their_own_ids(app: Cel
             assert (list(message.args), dict(message.kwargs)) == (args, kwargs)
 
 
+def _received(app: Celery) -> tuple[Delivery, TaskMessage]:
+    """The one message waiting on the default queue, fetched and decoded as a worker does."""
+    [delivery] = app.broker.fetch(["celery"], 1, timeout=1)
+    return delivery, decode_task(unpack(delivery.payload), app.accept_content)
+
+
 def test_the_workers_request_names_every_field_a_request_has() -> None:
     # Given a message of a task, as a worker receives it
     from celeriac.request import _FIELDS
@@ -624,8 +630,7 @@ def test_the_workers_request_names_every_field_a_request_has() -> None:
         return x + y
 
     app.send_task("fields.add", (2, 3), expires=60)
-    [delivery] = app.broker.fetch(["celery"], 1, timeout=1)
-    message = decode_task(unpack(delivery.payload), app.accept_content)
+    delivery, message = _received(app)
 
     # When the worker builds the task's request
     job = make_job(1, delivery, message, Policy.of(app, add), "node@host")
@@ -654,8 +659,7 @@ def test_a_workers_request_reads_its_seldom_used_fields_when_first_asked() -> No
         return x
 
     sent = app.send_task("lazy.echo", (1,), retries=2)
-    [delivery] = app.broker.fetch(["celery"], 1, timeout=1)
-    message = decode_task(unpack(delivery.payload), app.accept_content)
+    delivery, message = _received(app)
     request = build_request(make_job(1, delivery, message, Policy.of(app, echo), "n@h"), echo)
 
     # When a task reads them, by attribute or by name, they hold the message's values
