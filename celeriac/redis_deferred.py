@@ -13,12 +13,13 @@ small virtual machine that wake-up costs the worker about as much as the rest of
   kernel sends when a packet is full, after 200 ms at most, when `call` or `confirm` uncorks
   it, or when the socket is closed, which includes the death of the process. A command
   written is therefore never lost with the process, only with the machine.
-- `call` sends one more command behind them (a busy consumer's next fetch) and reads its
-  reply: one system call and one wake-up of Redis carry the acks, the fetch and their
-  confirmation. `confirm` sends CLIENT REPLY ON, whose +OK comes after every earlier command
-  has run, then CLIENT REPLY OFF, and waits for that +OK. If it does not come, every command
-  written since the last confirmation is sent again on a fresh connection; only commands that
-  may safely run twice are sent this way (never the command of a `call`).
+- `call` sends one more command behind them (a busy consumer's next fetch; `call_many`
+  sends several) and reads its reply: one system call and one wake-up of Redis carry the
+  acks, the fetch and their confirmation. `confirm` sends CLIENT REPLY ON, whose +OK comes
+  after every earlier command has run, then CLIENT REPLY OFF, and waits for that +OK. If it
+  does not come, every command written since the last confirmation is sent again on a fresh
+  connection; only commands that may safely run twice are sent this way (never the commands
+  of a `call`).
 
 A server that refuses CLIENT REPLY gets plain writes, whose replies `confirm` reads.
 """
@@ -28,17 +29,25 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from types import ModuleType
 from typing import Any
 
 import redis
 
 from celeriac.redis_spare import drop, packed, write
 
+hiredis: ModuleType | None
+try:
+    import hiredis
+except ImportError:  # redis-py installed without its hiredis extra
+    hiredis = None
+
 MOST_PENDING = 256  # commands written before a confirmation is awaited, with no wait between
 _QUIET = packed(("CLIENT", "REPLY", "OFF"))
 _REPLY_ON = packed(("CLIENT", "REPLY", "ON"))
 _CONFIRM = _REPLY_ON + _QUIET
 _LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
+_READ_SIZE = 1 << 16  # bytes per read of a busy fetch's replies
 
 
 class DeferredCommands:
@@ -92,19 +101,33 @@ class DeferredCommands:
             redis.ConnectionError, redis.TimeoutError: Redis could not be reached.
             redis.ResponseError: Redis refused `command`; the connection stays in use.
         """
+        [reply] = self.call_many(client, command, 1)
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    def call_many(self, client: redis.Redis, commands: bytes, count: int) -> list[Any]:
+        """Run `count` commands as `call` runs one, and return their replies in order.
+
+        A command Redis refuses does not stop the ones after it: its reply is the
+        `redis.ResponseError` it gave, returned in its place.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached; none of
+                `commands` is sent again.
+        """
         with self._lock:
             connection = self._ready(client)
             try:
                 if self._quiet:
-                    self._push(connection, _REPLY_ON + command + _QUIET)
-                    connection.read_response()  # ON's +OK: every earlier command has run
+                    self._push(connection, _REPLY_ON + commands + _QUIET)
+                    replies = _replies(connection, 1 + count)[1:]  # first ON's +OK: all earlier ran
                 else:
-                    write(connection, command)
+                    write(connection, commands)
                     self._read_pending(connection)
+                    replies = [_reply(connection) for _ in range(count)]
                 self._pending.clear()
-                return connection.read_response()
-            except redis.ResponseError:
-                raise  # the command's own error reply: the connection is sound
+                return replies
             except BaseException:
                 self._lose()
                 raise
@@ -200,6 +223,53 @@ class DeferredCommands:
             assert self._client is not None
             drop(self._client, self._connection)
             self._connection = None
+
+
+def _replies(connection: Any, count: int) -> list[Any]:
+    """Read `count` replies, the last the connection will get until its next command.
+
+    On a plain socket they are read straight into a hiredis reader of their own: through
+    redis-py, each reply costs about a microsecond of checks. Nothing is read past them, as
+    nothing follows them, so redis-py's reader stays empty for the connection's next user.
+    """
+    sock = connection._sock
+    if hiredis is None or type(sock) is not socket.socket:  # TLS, or redis-py without hiredis
+        return [_reply(connection) for _ in range(count)]
+    reader = hiredis.Reader(replyError=redis.ResponseError)
+    buffer = bytearray(_READ_SIZE)
+    replies: list[Any] = []
+    gets = reader.gets
+    while len(replies) < count:
+        reader.feed(buffer, 0, _received(sock, buffer))
+        while (reply := gets()) is not False:
+            replies.append(reply)
+    return [_named(reply) if isinstance(reply, redis.ResponseError) else reply for reply in replies]
+
+
+def _named(error: redis.ResponseError) -> redis.ResponseError:
+    """The error as redis-py would raise it, where the caller tells one from another."""
+    text = str(error)
+    return redis.exceptions.NoScriptError(text) if text.startswith("NOSCRIPT") else error
+
+
+def _received(sock: socket.socket, buffer: bytearray) -> int:
+    try:
+        size = sock.recv_into(buffer)
+    except TimeoutError as exc:
+        raise redis.TimeoutError(f"Timeout reading from the Redis socket: {exc}") from exc
+    except OSError as exc:
+        raise redis.ConnectionError(f"Error reading from the Redis socket: {exc}") from exc
+    if not size:
+        raise redis.ConnectionError("Redis closed the connection")
+    return size
+
+
+def _reply(connection: Any) -> Any:
+    """The next reply, or the error Redis answered with (the connection stays sound)."""
+    try:
+        return connection.read_response()
+    except redis.ResponseError as exc:
+        return exc
 
 
 def _replies_ok(connection: Any) -> bool:

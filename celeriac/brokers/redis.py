@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 WAIT_SLICE = 0.1  # longest BLMOVE; after each one a fetch also looks at the other lists and delayed sets
 MOVE_DUE_PER_FETCH = 100  # due delayed messages moved per queue and fetch
+MOST_MOVES = 256  # LMOVEs in one busy fetch
 LAPSED_PER_HEARTBEAT = 100  # lapsed consumers handled per heartbeat
 RECONCILE_CHUNK = 1000  # payloads per reconcile script call
 PUSH_CHUNK = 1000  # payloads per LPUSH
@@ -124,6 +125,7 @@ class RedisBroker(Broker):
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+socket", "unix", "sentinel")
     layout: ClassVar[KeyLayout] = KeyLayout()
+    moves_when_deep: ClassVar[bool] = True  # busy fetches of a lone queue use `_take_moving`
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)
@@ -142,6 +144,7 @@ class RedisBroker(Broker):
         self._tags = itertools.count(1)
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
         self._wait_turn = itertools.count()  # and which queue's first list BLMOVE waits on
+        self._deep: str | None = None  # a lone queue whose first list filled the last fetch
 
     def _consumer_changed(self) -> None:
         # What this object handed out under the old id is that id's affair.
@@ -314,6 +317,8 @@ class RedisBroker(Broker):
             ledger.leave_fetch(found)
 
     def _take(self, names: tuple[str, ...], limit: int) -> list[Delivery]:
+        if self._deep is not None and names == (self._deep,):
+            return self._take_moving(self._deep, limit)
         start = next(self._turn) % len(names)
         order = names[start:] + names[:start]
         consumer_id = self.consumer_id
@@ -324,7 +329,42 @@ class RedisBroker(Broker):
             *self._queue_keys(order),
         ]
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
-        return self._deliveries(consumer_id, order, self._run_fetch(keys, args))
+        reply = self._run_fetch(keys, args)
+        # Everything from one queue's first list: most likely it holds more, for `_take_moving`.
+        deep = self.moves_when_deep and len(order) == 1 and reply[:3] == [0, 0, limit]
+        self._deep = first if deep else None
+        return self._deliveries(consumer_id, order, reply)
+
+    def _take_moving(self, queue: str, limit: int) -> list[Delivery]:
+        """Lease from a queue whose most urgent list is deep: one LMOVE per message.
+
+        Per message, a native LMOVE costs Redis about half what the fetch script does, whose
+        Lua copies each payload three times. Nothing is more urgent than that list, so
+        skipping the others keeps the script's order. The script still runs first with a
+        limit of 0, to renew the lease and move due delayed messages; all of it goes out
+        behind the acks, as `_run_fetch` does. Each LMOVE is atomic on its own: a message is
+        always in the queue or in the in-flight list.
+        """
+        consumer_id = self.consumer_id
+        count = min(limit, MOST_MOVES)
+        inflight = self.layout.inflight(consumer_id, queue)
+        keys = [self.layout.consumers(queue), inflight, *self._queue_keys((queue,))]
+        script = self._script().fetch
+        args = (consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH)
+        commands = packed(("EVALSHA", script.sha, len(keys), *keys, *args))
+        commands += packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
+        renewed, *moved = self._acks.call_many(self._client(), commands, 1 + count)
+        if isinstance(renewed, redis.exceptions.NoScriptError):  # a restart or SCRIPT FLUSH
+            self._client().script_load(script.script)
+            renewed = None  # the lease lasts; the next fetch runs the whole script and renews it
+        payloads = [payload for payload in moved if isinstance(payload, bytes)]
+        refused = next((reply for reply in (renewed, *moved) if isinstance(reply, Exception)), None)
+        clean = renewed is not None and refused is None
+        self._deep = queue if clean and len(payloads) == count else None
+        if refused is not None:
+            _refused(refused, queue, leased=bool(payloads))
+        prefix = tag_prefix(consumer_id, 0)
+        return [self._delivery(prefix, queue, payload) for payload in payloads]
 
     def _run_fetch(self, keys: list[str], args: list[Arg]) -> Any:
         """Run the fetch script once, never retried (a replayed fetch would lease twice).
@@ -637,3 +677,14 @@ def _command(client: redis.Redis | Pipeline, *args: Arg) -> Any:
     """Send a raw command (redis-py's signatures for BLMOVE and LREM are narrower than Redis's)."""
     execute: Any = client.execute_command
     return execute(*args)
+
+
+def _refused(error: Exception, queue: str, *, leased: bool) -> None:
+    """Raise what Redis refused in a busy fetch, or only log it if the fetch leased messages.
+
+    Those messages are handed out in any case; the next fetch runs the script, which raises
+    if the trouble lasts.
+    """
+    if not leased:
+        raise error
+    logger.warning("A busy fetch from %r was partly refused: %s", queue, error)

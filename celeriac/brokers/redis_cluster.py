@@ -68,6 +68,7 @@ class RedisClusterBroker(RedisBroker):
 
     schemes: ClassVar[tuple[str, ...]] = CLUSTER_SCHEMES
     layout: ClassVar[KeyLayout] = ClusterLayout()
+    moves_when_deep: ClassVar[bool] = False  # every fetch runs the script, routed to its slot
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(url, options)

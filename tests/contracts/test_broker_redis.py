@@ -497,6 +497,61 @@ def test_a_busy_fetch_carries_the_acks_written_before_it_and_returns_once_they_r
     assert raw.lrange(inflight(broker), 0, -1) == [third.payload, second.payload]
 
 
+def lmoves(raw: redis.Redis) -> int:
+    """How many LMOVEs the server has run (Redis counts them per command, not per database)."""
+    stats = raw.info("commandstats").get("cmdstat_lmove")
+    return int(stats["calls"]) if stats else 0
+
+
+def test_busy_fetches_from_a_deep_queue_move_messages_one_by_one_in_order(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a deep queue, a message parked until it is due and one less urgent message
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(10)])
+    broker.publish([Outgoing(QUEUE, task_envelope("later", priority=5), priority=5)])
+    parked = task_envelope("parked")
+    raw.zadd("celeriac.delayed.celery", {parked: time.time() - 1})
+
+    # When a consumer fetches three, then keeps fetching three at a time without waiting
+    first = broker.fetch([QUEUE], 3, timeout=1)
+    lease = raw.zscore("celeriac.consumers", broker.consumer_id)
+    before = lmoves(raw)
+    second = broker.fetch([QUEUE], 3, timeout=0)
+    third = broker.fetch([QUEUE], 3, timeout=0)
+
+    # Then the busy fetches took their messages with LMOVE, oldest first, into the in-flight list
+    assert lmoves(raw) - before == 6
+    assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(9)]
+    assert raw.lrange(inflight(broker), 0, -1) == [d.payload for d in reversed(first + second + third)]
+    # And they renewed the lease and moved the due message behind the others, as the script does
+    assert raw.zscore("celeriac.consumers", broker.consumer_id) > lease
+    assert raw.zcard("celeriac.delayed.celery") == 0
+    rest = broker.fetch([QUEUE], 10, timeout=0)
+    assert [d.payload for d in rest] == [b"m9", parked]
+    # And the less urgent message came only once the most urgent list was empty
+    [last] = broker.fetch([QUEUE], 10, timeout=0)
+    assert json.loads(last.payload)["headers"]["id"] == "later"
+    assert raw.llen(QUEUE) == raw.llen("celery\x06\x163") == 0
+
+
+def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_them_again(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer whose last fetch emptied nothing, and a server that then lost its scripts
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(6)])
+    first = broker.fetch([QUEUE], 2, timeout=1)
+    raw.script_flush()
+
+    # When it fetches again without waiting, twice
+    second = broker.fetch([QUEUE], 2, timeout=0)
+    third = broker.fetch([QUEUE], 2, timeout=0)
+
+    # Then every message was leased once, in order, and the script is known again
+    assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(6)]
+    assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m%d" % index for index in range(6)]
+    assert raw.script_exists(broker._script().fetch.sha) == [True]
+
+
 def _ack_one_and_die(broker: RedisBroker) -> None:
     broker.reset_after_fork()
     first, _ = broker.fetch([QUEUE], 2, timeout=5)
