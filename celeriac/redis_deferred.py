@@ -102,15 +102,15 @@ class DeferredCommands:
             redis.ResponseError: Redis refused `command`; the connection stays in use.
         """
         [reply] = self.call_many(client, command, 1)
-        if isinstance(reply, redis.ResponseError):
+        if isinstance(reply, redis.RedisError):
             raise reply
         return reply
 
     def call_many(self, client: redis.Redis, commands: bytes, count: int) -> list[Any]:
         """Run `count` commands as `call` runs one, and return their replies in order.
 
-        A command Redis refuses does not stop the ones after it: its reply is the
-        `redis.ResponseError` it gave, returned in its place.
+        A command Redis refuses does not stop the ones after it: its reply is the error
+        redis-py would raise for it (a `redis.RedisError`), returned in its place.
 
         Raises:
             redis.ConnectionError, redis.TimeoutError: Redis could not be reached; none of
@@ -127,10 +127,12 @@ class DeferredCommands:
                     self._read_pending(connection)
                     replies = [_reply(connection) for _ in range(count)]
                 self._pending.clear()
-                return replies
             except BaseException:
                 self._lose()
                 raise
+            if any(isinstance(reply, redis.ConnectionError) for reply in replies):
+                self._lose()  # such as LOADING: redis-py drops the connection too
+            return replies
 
     def confirm(self) -> None:
         """Return once every command written so far has run, sending again what was lost.
@@ -235,7 +237,8 @@ def _replies(connection: Any, count: int) -> list[Any]:
     sock = connection._sock
     if hiredis is None or type(sock) is not socket.socket:  # TLS, or redis-py without hiredis
         return [_reply(connection) for _ in range(count)]
-    reader = hiredis.Reader(replyError=redis.ResponseError)
+    # Errors become the classes redis-py raises (NoScriptError, BusyLoadingError, ...).
+    reader = hiredis.Reader(replyError=connection._parser.parse_error)
     buffer = bytearray(_READ_SIZE)
     replies: list[Any] = []
     gets = reader.gets
@@ -243,13 +246,7 @@ def _replies(connection: Any, count: int) -> list[Any]:
         reader.feed(buffer, 0, _received(sock, buffer))
         while (reply := gets()) is not False:
             replies.append(reply)
-    return [_named(reply) if isinstance(reply, redis.ResponseError) else reply for reply in replies]
-
-
-def _named(error: redis.ResponseError) -> redis.ResponseError:
-    """The error as redis-py would raise it, where the caller tells one from another."""
-    text = str(error)
-    return redis.exceptions.NoScriptError(text) if text.startswith("NOSCRIPT") else error
+    return replies
 
 
 def _received(sock: socket.socket, buffer: bytearray) -> int:
@@ -265,7 +262,7 @@ def _received(sock: socket.socket, buffer: bytearray) -> int:
 
 
 def _reply(connection: Any) -> Any:
-    """The next reply, or the error Redis answered with (the connection stays sound)."""
+    """The next reply, or the error Redis answered with."""
     try:
         return connection.read_response()
     except redis.ResponseError as exc:

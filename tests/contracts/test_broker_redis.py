@@ -29,6 +29,7 @@ from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
 from celeriac.exceptions import ImproperlyConfigured, OperationalError
 from celeriac.protocol.message import Envelope, pack, unpack
+from celeriac.redis_spare import packed
 from tests.conftest import closing_factory, free_port, redis_answers
 from tests.contracts.test_broker import eventually, redis_database
 
@@ -550,6 +551,33 @@ def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_t
     assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(6)]
     assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m%d" % index for index in range(6)]
     assert raw.script_exists(broker._script().fetch.sha) == [True]
+
+
+def test_commands_called_together_each_get_their_reply_and_a_refusal_stops_none(
+    url: str, raw: redis.Redis
+) -> None:
+    # Given a process's deferred connection with a command written and not yet confirmed
+    client = redis.Redis.from_url(url)
+    commands = redis_deferred.DeferredCommands()
+    commands.send(client, packed(("RPUSH", "written", "w")))
+
+    # When three commands go together, the middle one refused, then one more alone
+    replies = commands.call_many(
+        client,
+        packed(("SET", "plain", "1")) + packed(("LPUSH", "plain", "x")) + packed(("GET", "plain")),
+        3,
+    )
+    with pytest.raises(redis.exceptions.NoScriptError):
+        commands.call(client, packed(("EVALSHA", "0" * 40, 0)))
+
+    # Then each got its own reply, the refusal as redis-py's error, and the earlier write ran
+    assert replies[0] == b"OK" and replies[2] == b"1"
+    assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert raw.lrange("written", 0, -1) == [b"w"]
+    # And the connection is still good for the next call
+    assert commands.call(client, packed(("GET", "plain"))) == b"1"
+    commands.close()
+    client.close()
 
 
 def _ack_one_and_die(broker: RedisBroker) -> None:
