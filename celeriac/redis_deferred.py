@@ -85,6 +85,24 @@ class DeferredCommands:
                 raise
             self._pending.append(command)
 
+    def send_ready(self, command: bytes) -> bool:
+        """Write `command` as `send` does if the connection is open and has room; say whether it did.
+
+        The per-task ack's path: no client to check and no error to translate. On False,
+        nothing was written and `send` does the rest (opening, confirming, sending again).
+        """
+        with self._lock:
+            connection = self._connection
+            if connection is None or len(self._pending) >= self._most_pending:
+                return False
+            try:
+                write(connection, command)
+            except redis.ConnectionError:
+                self._lose()  # `send` opens a new connection and sends what is pending again
+                return False
+            self._pending.append(command)
+            return True
+
     def call(self, client: redis.Redis, command: bytes) -> Any:
         """Run `command` after every command written so far, and return its reply.
 

@@ -270,7 +270,10 @@ class RedisBroker(Broker):
     def _ack_one(self, delivery: Delivery) -> None:
         """Write one ack, confirmed later (see `DeferredCommands`): a task need not wait for it."""
         with self._translated:
-            self._acks.send(self._client(), lrem_last(self._inflight_of(delivery), delivery.payload))
+            self._acks.send(self._client(), self._ack_command(delivery))
+
+    def _ack_command(self, delivery: Delivery) -> bytes:
+        return lrem_last(self._inflight_of(delivery), delivery.payload)
 
     # consuming -------------------------------------------------------------------------
 
@@ -482,7 +485,11 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            self._ack_one(deliveries[0])
+            delivery = deliveries[0]
+            if self._pid == forks.pid() and self._acks.send_ready(self._ack_command(delivery)):
+                self._ledger.settle_later(delivery)  # the once-per-task path: as little as can be
+                return
+            self._ack_one(delivery)
         else:
             pipe = self._client().pipeline(transaction=False)
             for delivery in deliveries:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from celeriac.brokers.base import Delivery
 from celeriac.brokers.redis_layout import TAG_SEP
@@ -54,6 +54,7 @@ class Ledger:
         self._recheck_until = 0.0  # and until this time.monotonic(), read the list now and then
         self._next_recheck = 0.0
         self._prune_at = RECONCILE_FLOOR
+        self._settled_later: collections.deque[Delivery] = collections.deque()  # see settle_later
 
     def __len__(self) -> int:
         """How many distinct payloads are counted as handed out."""
@@ -92,6 +93,7 @@ class Ledger:
     def leave_fetch(self, found: Sequence[Delivery]) -> None:
         """Count the payloads a fetch returned and the fetch as ended, in one step: no reading misses them."""
         with self._lock:
+            self._take_off(_drained(self._settled_later))
             if found:
                 self._handed.update(delivery.payload for delivery in found)
             self._fetching -= 1
@@ -124,6 +126,7 @@ class Ledger:
         """
         present = collections.Counter(listed)
         with self._books:
+            self._take_off(_drained(self._settled_later))
             unseen = present - self._handed
             self._handed &= present  # settled elsewhere (a forked child's ack): forget them
             self._prune_at = max(RECONCILE_FLOOR, 2 * len(self._handed))
@@ -139,16 +142,36 @@ class Ledger:
 
     def settled(self, deliveries: Sequence[Delivery]) -> None:
         """Take deliveries off the count once acked, released or dead-lettered through this object."""
+        with self._lock:
+            self._take_off(deliveries)
+
+    def settle_later(self, delivery: Delivery) -> None:
+        """Take a delivery off the count at the next fetch or reading, whichever comes first.
+
+        For the ack of every task: it costs one append, without the lock. Until then the
+        payload counts as handed out, which only keeps a reading from returning it.
+        """
+        self._settled_later.append(delivery)
+
+    def _take_off(self, deliveries: Iterable[Delivery]) -> None:
         own = self._own_tags
         handed = self._handed
-        with self._lock:
-            for delivery in deliveries:
-                if delivery.tag.startswith(own):
-                    left = handed[delivery.payload] - 1
-                    if left > 0:
-                        handed[delivery.payload] = left
-                    else:
-                        handed.pop(delivery.payload, None)
+        for delivery in deliveries:
+            if delivery.tag.startswith(own):
+                left = handed[delivery.payload] - 1
+                if left > 0:
+                    handed[delivery.payload] = left
+                else:
+                    handed.pop(delivery.payload, None)
+
+
+def _drained(queue: collections.deque[Delivery]) -> Iterator[Delivery]:
+    """Pop `queue` from the left until it is empty; other threads may append meanwhile."""
+    while True:
+        try:
+            yield queue.popleft()
+        except IndexError:
+            return
 
 
 def copies_in_order(listed: Sequence[bytes], wanted: collections.Counter[bytes]) -> list[bytes]:

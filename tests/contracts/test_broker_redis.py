@@ -440,6 +440,40 @@ def test_a_message_acked_by_another_broker_object_leaves_the_fetchers_inflight_l
     assert raw.lrange(QUEUE, 0, -1) == [b"released"]
 
 
+def test_single_acks_leave_the_count_of_handed_out_payloads_by_the_next_fetch(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased three messages and acked two of them one by one
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(3)])
+    first, second, third = broker.fetch([QUEUE], 3, timeout=1)
+    broker.ack([first])
+    broker.ack([second])
+
+    # When it fetches again
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+
+    # Then only the third still counts as handed out, and only it is in flight
+    assert len(broker._ledger) == 1
+    assert raw.lrange(inflight(broker), 0, -1) == [third.payload]
+
+
+def test_an_ack_whose_socket_broke_under_it_goes_out_on_a_fresh_connection_with_the_earlier_ones(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that leased two messages, acked the first, and whose ack socket then broke
+    broker.publish([Outgoing(QUEUE, b"first"), Outgoing(QUEUE, b"second")])
+    first, second = broker.fetch([QUEUE], 2, timeout=1)
+    broker.ack([first])
+    broker._acks._connection._sock.close()
+
+    # When it acks the second and confirms
+    broker.ack([second])
+    broker._acks.confirm()
+
+    # Then both acks ran
+    assert raw.llen(inflight(broker)) == 0
+
+
 def test_an_ack_lost_with_its_connection_is_sent_again_before_the_next_fetch(
     make_broker: MakeBroker, raw: redis.Redis
 ) -> None:
