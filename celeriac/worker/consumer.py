@@ -9,8 +9,10 @@ messages return to the queue when its lease lapses.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +59,18 @@ class Consumer:
 
     # the loop --------------------------------------------------------------------------
 
-    def step(self, fetching: bool = True) -> None:
-        """Fetch what the prefetch budget allows, start what the pool can take, collect what ended."""
+    def step(self, fetching: bool = True, stop: threading.Event | None = None) -> None:
+        """Fetch what the prefetch budget allows, start what the pool can take, collect what ended.
+
+        A pool that runs jobs in this thread runs them here, one after another, until the
+        prefetch wants topping up or `stop` is set.
+        """
         if fetching:
             self._fetch()
+        run = self.pool.inline_runner()
+        if run is not None and stop is not None:
+            self._run_here(run, stop, self.settings.prefetch_limit // 4 if fetching else -1)
+            return
         self._dispatch()
         waiting = bool(self.reserved) and self.pool.free_slots() > 0
         for completion in self.pool.collect(0.0 if waiting else 0.5):
@@ -138,18 +148,37 @@ class Consumer:
 
     def _dispatch(self) -> None:
         while self.reserved and self.pool.free_slots() > 0:
-            try:
-                job = self.reserved.popleft()
-            except IndexError:  # given back meanwhile by a prefork child's give-back thread
+            job = self._next_job()
+            if job is None:
                 break
-            message = job.message
-            if is_expired(message):
-                logger.info("Task %s[%s] expired: revoked", message.name, message.id)
-                revoke_expired(self.app, message)
-                self.broker.ack([job.delivery])
-                continue
             self.active[job.key] = job
             self.pool.submit(job)  # the pool's process acks it when the task starts (or ends)
+
+    def _run_here(self, run: Callable[[Job], Completion], stop: threading.Event, floor: int) -> None:
+        """Run reserved jobs in this thread until no more than `floor` are left (at least one)."""
+        reserved, active = self.reserved, self.active
+        while not stop.is_set():
+            job = self._next_job()
+            if job is None:
+                return
+            active[job.key] = job
+            self._complete(run(job))  # the job acks its message when its task starts (or ends)
+            if len(reserved) <= floor:
+                return
+
+    def _next_job(self) -> Job | None:
+        """The next reserved job worth starting; expired ones are revoked and acked on the way."""
+        while True:
+            try:
+                job = self.reserved.popleft()
+            except IndexError:  # none, or given back meanwhile by a prefork child's give-back thread
+                return None
+            message = job.message
+            if not is_expired(message):
+                return job
+            logger.info("Task %s[%s] expired: revoked", message.name, message.id)
+            revoke_expired(self.app, message)
+            self.broker.ack([job.delivery])
 
     def _complete(self, completion: Completion) -> None:
         job = self.active.pop(completion.key, None)

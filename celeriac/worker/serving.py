@@ -7,6 +7,7 @@ lets running tasks finish; a cold stop abandons them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -64,8 +65,9 @@ class Guard:
 
 def serve(consumer: Consumer, guard: Guard) -> None:
     """Consume until `guard.warm` is set, give prefetched messages back, finish running tasks."""
+    step = functools.partial(consumer.step, stop=guard.warm)
     while not guard.warm.is_set():
-        guard(consumer.step)
+        guard(step)
     released = guard(consumer.release_reserved)
     if released:
         logger.info("Returned %d prefetched message(s) to the queue", released)

@@ -6,6 +6,7 @@ import base64
 import json
 import pickle
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -706,6 +707,39 @@ def test_a_busy_consumer_tops_up_its_prefetch_in_large_batches() -> None:
 
     # Then it took a full batch first, and more only once a quarter of its prefetch remained
     assert sorted(set(left), reverse=True) == [12, 6, 0]
+
+
+def test_an_inline_consumer_runs_its_prefetch_in_one_step_and_stops_between_tasks() -> None:
+    # Given a solo consumer with a prefetch limit of 8, 20 messages waiting, and a task
+    # that asks for a stop when it gets 10
+    from celeriac.worker.consumer import Consumer, Settings
+    from celeriac.worker.pools.solo import SoloPool
+
+    app = Celery("inline", broker="memory://")
+    stop = threading.Event()
+    ran: list[int] = []
+
+    @app.task(name="inline.note")
+    def note(n: int) -> None:
+        ran.append(n)
+        if n == 10:
+            stop.set()
+
+    for n in range(20):
+        note.delay(n)
+    consumer = Consumer(app, app.broker, SoloPool(app, 1), Settings("n@h", ("celery",), 8, 10))
+
+    # When it steps twice with the stop event, then once more
+    consumer.step(stop=stop)
+    after_first = list(ran)
+    consumer.step(stop=stop)
+    consumer.step(stop=stop)
+
+    # Then the first step ran its batch down to a quarter of the prefetch, the second ran
+    # the next batch until the stop, and once stopped no step started another task
+    assert after_first == list(range(6))
+    assert ran == list(range(11))
+    assert [job.message.args for job in consumer.reserved] == [[n] for n in range(11, 14)]
 
 
 def test_a_task_class_that_overrides_before_start_and_call_has_both_run() -> None:

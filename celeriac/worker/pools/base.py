@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,10 @@ class Pool(ABC):
     @abstractmethod
     def stop(self, *, cold: bool) -> None:
         """Stop: a warm stop lets running jobs finish first; a cold one abandons them."""
+
+    def inline_runner(self) -> Callable[[Job], Completion] | None:
+        """What runs a job to its end in the calling thread, for pools that run jobs there."""
+        return None
 
 
 @dataclass(slots=True)

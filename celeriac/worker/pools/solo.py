@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from celeriac.worker.execution import execute_safely
@@ -36,6 +37,9 @@ class SoloPool(Pool):
             return [self.run(job)]
         finally:
             self._next = None
+
+    def inline_runner(self) -> Callable[[Job], Completion]:
+        return self.run
 
     def run(self, job: Job) -> Completion:
         """Run one job here, its hard limit raised in this process (no parent watches it)."""
