@@ -443,6 +443,7 @@ class RedisBroker(Broker):
         ledger = self._ledger
         inflight = INFLIGHT_PREFIX + ledger.consumer_id
         client = self._fetch_client()  # no retries: a replayed script could take a held copy
+        ledger.count_settled()  # acks written from here on stay counted: they may not have run
         with self._translated:
             self._acks.confirm()  # an ack not yet run would look like a payload never handed out
             listed = [bytes(payload) for payload in _command(client, "LRANGE", inflight, 0, -1)]

@@ -126,7 +126,6 @@ class Ledger:
         """
         present = collections.Counter(listed)
         with self._books:
-            self._take_off(_drained(self._settled_later))
             unseen = present - self._handed
             self._handed &= present  # settled elsewhere (a forked child's ack): forget them
             self._prune_at = max(RECONCILE_FLOOR, 2 * len(self._handed))
@@ -146,12 +145,22 @@ class Ledger:
             self._take_off(deliveries)
 
     def settle_later(self, delivery: Delivery) -> None:
-        """Take a delivery off the count at the next fetch or reading, whichever comes first.
+        """Take a delivery off the count at the next fetch or `count_settled`.
 
         For the ack of every task: it costs one append, without the lock. Until then the
         payload counts as handed out, which only keeps a reading from returning it.
         """
         self._settled_later.append(delivery)
+
+    def count_settled(self) -> None:
+        """Take off the count what `settle_later` was given so far.
+
+        A reading calls this before it confirms the acks and reads the list: what is settled
+        later may be an ack that has not run yet, whose payload the list still holds and
+        which must not look like a payload nobody received.
+        """
+        with self._lock:
+            self._take_off(_drained(self._settled_later))
 
     def _take_off(self, deliveries: Iterable[Delivery]) -> None:
         own = self._own_tags

@@ -457,6 +457,34 @@ def test_single_acks_leave_the_count_of_handed_out_payloads_by_the_next_fetch(
     assert raw.lrange(inflight(broker), 0, -1) == [third.payload]
 
 
+def test_an_ack_written_while_the_inflight_list_is_read_does_not_send_its_message_back(
+    broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer holding one message, due to read its in-flight list (as after a failed
+    # fetch), whose task thread acks the message just after the reading confirmed the acks
+    broker.publish_one(QUEUE, task_envelope("held"))
+    [held] = broker.fetch([QUEUE], 1, timeout=1)
+    broker._ledger.fetch_failed()
+    confirm = broker._acks.confirm
+
+    def confirm_then_ack() -> None:
+        confirm()
+        if held_ack:
+            broker.ack([held_ack.pop()])  # written, corked: it runs only at the next confirmation
+
+    held_ack = [held]
+    monkeypatch.setattr(broker._acks, "confirm", confirm_then_ack)
+
+    # When the next fetch reads the list, which still holds the message
+    assert broker.fetch([QUEUE], 1, timeout=0) == []
+
+    # Then the message was not taken for one nobody received: it is neither back in the queue
+    # nor set aside, and once the ack runs it is gone
+    assert raw.llen(QUEUE) == raw.llen("celeriac.dead") == 0
+    confirm()
+    assert raw.llen(inflight(broker)) == 0
+
+
 def test_an_ack_whose_socket_broke_under_it_goes_out_on_a_fresh_connection_with_the_earlier_ones(
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
