@@ -7,7 +7,8 @@ learn which task died with it; nothing crosses a pipe per task.
 Layout: a header ``<q d d i i i q`` (sequence, start time, hard limit, and the lengths of the
 tag, the queue name and the payload, then the delivery's attempt count), followed by those
 three byte strings. The sequence is odd while the child writes, so a reader never takes a
-torn record (a seqlock); it is even and non-zero while a task runs, zero when idle.
+torn record (a seqlock). It only grows, so a reader that sees the same even number before and
+after reading took one record, not parts of two tasks'. A start time of -1 means idle.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from celeriac.brokers.base import Delivery
 
 _HEADER = struct.Struct("<qddiiiq")
 _SEQ = struct.Struct("<q")
+_IDLE = struct.Struct("<d")  # the start time, -1 between tasks
 CAPACITY = 1 << 20  # a payload that does not fit is not recorded; the parent then cannot settle it
 _TRIES = 100
 
@@ -52,14 +54,17 @@ class RunningSlot:
         seq = self._seq + 1
         self._write_seq(seq)
         _HEADER.pack_into(self._map, 0, seq, time.monotonic(), hard_limit or 0.0, *lengths, delivery.attempts)
-        record = tag + queue + payload
-        self._map[_HEADER.size : _HEADER.size + len(record)] = record
+        at = _HEADER.size + len(tag) + len(queue)
+        self._map[_HEADER.size : at] = tag + queue
+        self._map[at : at + len(payload)] = payload
         self._write_seq(seq + 1)
 
     def end(self) -> None:
         """Record that the task ended (in the child)."""
-        self._write_seq(self._seq + 1)
-        self._write_seq(0)
+        seq = self._seq + 1
+        self._write_seq(seq)
+        _IDLE.pack_into(self._map, _SEQ.size, -1.0)
+        self._write_seq(seq + 1)
 
     def _write_seq(self, seq: int) -> None:
         self._seq = seq
@@ -69,16 +74,14 @@ class RunningSlot:
         """The monotonic time at which the running task passes its hard limit, if any (in the parent)."""
         for _ in range(_TRIES):
             seq, started, hard, *_ = _HEADER.unpack_from(self._map, 0)
-            if seq == 0:
-                return None
-            if seq % 2 == 0 and _HEADER.unpack_from(self._map, 0)[0] == seq:
-                return started + hard if hard > 0 else None
+            if seq % 2 == 0 and _SEQ.unpack_from(self._map, 0)[0] == seq:
+                return started + hard if hard > 0 and started >= 0 else None
         return None
 
     def read(self) -> Running | None:
         """The running task's record, or None if the child was idle (in the parent, child stopped)."""
         seq, started, hard, tag_len, queue_len, payload_len, attempts = _HEADER.unpack_from(self._map, 0)
-        if seq == 0 or seq % 2 == 1:  # idle, or the child died mid-write
+        if seq == 0 or seq % 2 == 1 or started < 0:  # never used, the child died mid-write, or idle
             return None
         at = _HEADER.size
         tag = self._map[at : at + tag_len].decode()
