@@ -256,7 +256,9 @@ def _replies(connection: Any, count: int) -> list[Any]:
     if hiredis is None or type(sock) is not socket.socket:  # TLS, or redis-py without hiredis
         return [_reply(connection) for _ in range(count)]
     # Errors become the classes redis-py raises (NoScriptError, BusyLoadingError, ...).
-    reader = hiredis.Reader(replyError=connection._parser.parse_error)
+    reader = hiredis.Reader(
+        protocolError=redis.exceptions.InvalidResponse, replyError=connection._parser.parse_error
+    )
     buffer = bytearray(_READ_SIZE)
     replies: list[Any] = []
     gets = reader.gets
