@@ -29,6 +29,7 @@ from celeriac.brokers.redis_layout import TAG_SEP
 
 RECONCILE_FLOOR = 1000  # distinct payloads counted before the in-flight list is read to prune
 RECHECKS_PER_LEASE = 4  # after a failure, how often per lease the list is read again
+MOST_SETTLED_LATER = 4096  # acks kept aside before they are taken off the count without a fetch
 
 
 class Ledger:
@@ -148,9 +149,16 @@ class Ledger:
         """Take a delivery off the count at the next fetch or `count_settled`.
 
         For the ack of every task: it costs one append, without the lock. Until then the
-        payload counts as handed out, which only keeps a reading from returning it.
+        payload counts as handed out, which only keeps a reading from returning it. An
+        object that acks without fetching (a parent settling for a dead child) takes them
+        off every `MOST_SETTLED_LATER`, unless a reading is under way.
         """
-        self._settled_later.append(delivery)
+        later = self._settled_later
+        later.append(delivery)
+        if len(later) >= MOST_SETTLED_LATER:
+            with self._lock:
+                if not self._reconciling:
+                    self._take_off(_drained(later))
 
     def count_settled(self) -> None:
         """Take off the count what `settle_later` was given so far.

@@ -457,6 +457,22 @@ def test_single_acks_leave_the_count_of_handed_out_payloads_by_the_next_fetch(
     assert raw.lrange(inflight(broker), 0, -1) == [third.payload]
 
 
+def test_single_acks_without_a_fetch_between_them_still_leave_the_count_in_batches(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer that takes acks off its count in batches of three, holding five messages
+    monkeypatch.setattr(redis_ledger, "MOST_SETTLED_LATER", 3)
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(5)])
+    held = broker.fetch([QUEUE], 5, timeout=1)
+
+    # When it acks three of them one by one and fetches nothing
+    for delivery in held[:3]:
+        broker.ack([delivery])
+
+    # Then the three left the count without waiting for a fetch
+    assert len(broker._ledger) == 2
+
+
 def test_an_ack_written_while_the_inflight_list_is_read_does_not_send_its_message_back(
     broker: RedisBroker, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
