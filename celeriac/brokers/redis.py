@@ -341,8 +341,8 @@ class RedisBroker(Broker):
     def _take_moving(self, queue: str, limit: int) -> list[Delivery]:
         """Lease from a queue whose most urgent list is deep: one LMOVE per message.
 
-        Per message, a native LMOVE costs Redis about half what the fetch script does, whose
-        Lua copies each payload three times. Nothing is more urgent than that list, so
+        Per message, a native LMOVE costs Redis about a quarter of what the fetch script does,
+        whose Lua copies each payload three times. Nothing is more urgent than that list, so
         skipping the others keeps the script's order. The script still runs first with a
         limit of 0, to renew the lease and move due delayed messages; all of it goes out
         behind the acks, as `_run_fetch` does. Each LMOVE is atomic on its own: a message is
