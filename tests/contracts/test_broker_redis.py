@@ -1012,6 +1012,11 @@ def test_a_broker_reaches_redis_through_a_unix_socket_and_through_sentinel(
         assert by_socket.fetch([QUEUE], 1, timeout=0.1) == []  # confirms the ack first
         raw = redis.Redis(unix_socket_path=str(sock))
         assert raw.llen(inflight(by_sentinel)) == 0
+        # and busy fetches through the socket (LMOVE, read without redis-py) take the rest in order
+        by_socket.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(4)])
+        taken = by_socket.fetch([QUEUE], 2, timeout=1) + by_socket.fetch([QUEUE], 2, timeout=0)
+        assert [d.payload for d in taken] == [b"m0", b"m1", b"m2", b"m3"]
+        assert raw.llen(inflight(by_socket)) == 4
         raw.close()
         assert by_sentinel.size(QUEUE) == 0
     finally:
