@@ -61,6 +61,7 @@ class DeferredCommands:
         self._quiet = True  # the connection runs with CLIENT REPLY OFF
         self._corked = False
         self._pending: list[bytes] = []  # commands (RESP) written since the last confirmation
+        self._buffer = bytearray(_READ_SIZE)  # what `call_many` reads replies into, under the lock
 
     def send(self, client: redis.Redis, command: bytes) -> None:
         """Write one command that may safely run twice; it has run when the next `confirm` returns.
@@ -139,7 +140,8 @@ class DeferredCommands:
             try:
                 if self._quiet:
                     self._push(connection, _REPLY_ON + commands + _QUIET)
-                    replies = _replies(connection, 1 + count)[1:]  # first ON's +OK: all earlier ran
+                    # ON's +OK comes first, once every earlier command has run
+                    replies = _replies(connection, 1 + count, self._buffer)[1:]
                 else:
                     write(connection, commands)
                     self._read_pending(connection)
@@ -245,7 +247,7 @@ class DeferredCommands:
             self._connection = None
 
 
-def _replies(connection: Any, count: int) -> list[Any]:
+def _replies(connection: Any, count: int, buffer: bytearray) -> list[Any]:
     """Read `count` replies, the last the connection will get until its next command.
 
     On a plain socket they are read straight into a hiredis reader of their own: through
@@ -259,7 +261,6 @@ def _replies(connection: Any, count: int) -> list[Any]:
     reader = hiredis.Reader(
         protocolError=redis.exceptions.InvalidResponse, replyError=connection._parser.parse_error
     )
-    buffer = bytearray(_READ_SIZE)
     replies: list[Any] = []
     gets = reader.gets
     while len(replies) < count:

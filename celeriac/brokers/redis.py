@@ -268,12 +268,17 @@ class RedisBroker(Broker):
             return self._spare.run(self._client(), *args, check=True)
 
     def _ack_one(self, delivery: Delivery) -> None:
-        """Write one ack, confirmed later (see `DeferredCommands`): a task need not wait for it."""
-        with self._translated:
-            self._acks.send(self._client(), self._ack_command(delivery))
+        """Write one ack, confirmed later (see `DeferredCommands`): a task need not wait for it.
 
-    def _ack_command(self, delivery: Delivery) -> bytes:
-        return lrem_last(self._inflight_of(delivery), delivery.payload)
+        Once per task, so the open connection takes it first, without the client lookup and
+        error translation that opening, confirming or a fork need. It may not have run yet,
+        so the ledger counts it off only at the next fetch or reading.
+        """
+        command = lrem_last(self._inflight_of(delivery), delivery.payload)
+        if self._pid != forks.pid() or not self._acks.send_ready(command):
+            with self._translated:
+                self._acks.send(self._client(), command)
+        self._ledger.settle_later(delivery)
 
     # consuming -------------------------------------------------------------------------
 
@@ -325,18 +330,21 @@ class RedisBroker(Broker):
         start = next(self._turn) % len(names)
         order = names[start:] + names[:start]
         consumer_id = self.consumer_id
-        first = order[0]  # on one server the leases and the in-flight list serve every queue
-        keys = [
-            self.layout.consumers(first),
-            self.layout.inflight(consumer_id, first),
-            *self._queue_keys(order),
-        ]
+        keys = self._fetch_script_keys(consumer_id, order)
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
         reply = self._run_fetch(keys, args)
         # Everything from one queue's first list: most likely it holds more, for `_take_moving`.
         deep = self.moves_when_deep and len(order) == 1 and reply[:3] == [0, 0, limit]
-        self._deep = first if deep else None
+        self._deep = order[0] if deep else None
         return self._deliveries(consumer_id, order, reply)
+
+    def _fetch_script_keys(self, consumer_id: str, order: tuple[str, ...]) -> list[str]:
+        first = order[0]  # on one server the leases and the in-flight list serve every queue
+        return [
+            self.layout.consumers(first),
+            self.layout.inflight(consumer_id, first),
+            *self._queue_keys(order),
+        ]
 
     def _take_moving(self, queue: str, limit: int) -> list[Delivery]:
         """Lease from a queue whose most urgent list is deep: one LMOVE per message.
@@ -351,10 +359,9 @@ class RedisBroker(Broker):
         consumer_id = self.consumer_id
         count = min(limit, MOST_MOVES)
         inflight = self.layout.inflight(consumer_id, queue)
-        keys = [self.layout.consumers(queue), inflight, *self._queue_keys((queue,))]
+        keys = self._fetch_script_keys(consumer_id, (queue,))
         script = self._script().fetch
-        args = (consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH)
-        commands = packed(("EVALSHA", script.sha, len(keys), *keys, *args))
+        commands = _evalsha(script.sha, keys, [consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH])
         commands += packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
         renewed, *moved = self._acks.call_many(self._client(), commands, 1 + count)
         if isinstance(renewed, redis.exceptions.NoScriptError):  # a restart or SCRIPT FLUSH
@@ -376,7 +383,7 @@ class RedisBroker(Broker):
         system call and one wake-up of Redis send them all, and the reply confirms them.
         """
         script, client = self._script().fetch, self._client()
-        call = packed(("EVALSHA", script.sha, len(keys), *keys, *args))
+        call = _evalsha(script.sha, keys, args)
         try:
             return self._acks.call(client, call)
         except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart, SCRIPT FLUSH)
@@ -486,18 +493,14 @@ class RedisBroker(Broker):
         if not deliveries:
             return
         if len(deliveries) == 1:
-            delivery = deliveries[0]
-            if self._pid == forks.pid() and self._acks.send_ready(self._ack_command(delivery)):
-                self._ledger.settle_later(delivery)  # the once-per-task path: as little as can be
-                return
-            self._ack_one(delivery)
-        else:
-            pipe = self._client().pipeline(transaction=False)
-            for delivery in deliveries:
-                # LREM by hand: redis-py types the value as str, and ours are bytes.
-                _command(pipe, "LREM", self._inflight_of(delivery), -1, delivery.payload)
-            with self._translated:
-                pipe.execute()
+            self._ack_one(deliveries[0])
+            return
+        pipe = self._client().pipeline(transaction=False)
+        for delivery in deliveries:
+            # LREM by hand: redis-py types the value as str, and ours are bytes.
+            _command(pipe, "LREM", self._inflight_of(delivery), -1, delivery.payload)
+        with self._translated:
+            pipe.execute()
         self._ledger.settled(deliveries)
 
     def release(
@@ -685,6 +688,11 @@ def _command(client: redis.Redis | Pipeline, *args: Arg) -> Any:
     """Send a raw command (redis-py's signatures for BLMOVE and LREM are narrower than Redis's)."""
     execute: Any = client.execute_command
     return execute(*args)
+
+
+def _evalsha(sha: str, keys: list[str], args: list[Arg]) -> bytes:
+    """A script call in RESP, written by hand: redis-py's call machinery costs more than the call."""
+    return packed(("EVALSHA", sha, len(keys), *keys, *args))
 
 
 def _refused(error: Exception, queue: str, *, leased: bool) -> None:

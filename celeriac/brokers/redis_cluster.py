@@ -97,6 +97,7 @@ class RedisClusterBroker(RedisBroker):
 
     def _ack_one(self, delivery: Delivery) -> None:
         self._send("LREM", self._inflight_of(delivery), -1, delivery.payload)
+        self._ledger.settled([delivery])
 
     def _declare_in(self, pipe: Pipeline, queues: set[str]) -> None:
         """Queue kombu's bindings and list the queues in ``celeriac.queues``, for heartbeats to walk."""
