@@ -37,7 +37,8 @@ BARE_QUEUE = "bare:q"
 WARM_UP = 10
 
 
-def _env(url: str, results: bool) -> dict[str, str]:
+def worker_env(url: str, results: bool) -> dict[str, str]:
+    """The environment of a worker or a bare loop: redis_app settings and this checkout on the path."""
     env = dict(os.environ)
     env["CELERIAC_BENCH_REDIS"] = url
     env["CELERIAC_BENCH_RESULTS"] = "1" if results else "0"
@@ -52,7 +53,7 @@ def load_app(url: str, results: bool) -> ModuleType:
     for path in (str(HERE), str(ROOT)):
         if path not in sys.path:
             sys.path.insert(0, path)
-    os.environ.update({k: v for k, v in _env(url, results).items() if k.startswith("CELERIAC_")})
+    os.environ.update({k: v for k, v in worker_env(url, results).items() if k.startswith("CELERIAC_")})
     module = sys.modules.get("redis_app")
     if module is None:
         return importlib.import_module("redis_app")
@@ -180,7 +181,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def roundtrips(args: argparse.Namespace, client: redis.Redis) -> None:
     client.flushdb()
-    bare = start([sys.executable, __file__, "--bare-worker", "--redis", args.redis], _env(args.redis, True))
+    bare = start(
+        [sys.executable, __file__, "--bare-worker", "--redis", args.redis], worker_env(args.redis, True)
+    )
     try:
         time.sleep(0.3)
         bare_ms = [s * 1000 for s in bare_roundtrip(client, args.rt_n)]
@@ -189,7 +192,7 @@ def roundtrips(args: argparse.Namespace, client: redis.Redis) -> None:
     client.flushdb()
     app = load_app(args.redis, results=True)
     argv = [sys.executable, "-m", "celeriac", "-A", "redis_app", "worker", "--loglevel", "WARNING"]
-    worker = start([*argv, "--pool", "solo", "--prefetch-multiplier", "64"], _env(args.redis, True))
+    worker = start([*argv, "--pool", "solo", "--prefetch-multiplier", "64"], worker_env(args.redis, True))
     try:
         wait_worker_up(app)
         ours_ms = [s * 1000 for s in celeriac_roundtrip(app, args.rt_n)]
