@@ -25,16 +25,14 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from redis_app import COUNTER_KEY
-from redis_client import BARE_QUEUE, load_app, start, stop, worker_env
+from redis_client import BARE_QUEUE, bare_bulk, celeriac_bulk, load_app, start, stop, worker_env
 
-FILL_BATCH = 10_000
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,14 +100,6 @@ def celeriac_runners(sid: int, pool: str, concurrency: int, deadline: float) -> 
 # one drain ---------------------------------------------------------------------------------
 
 
-def fill_bare(client: redis.Redis, n: int) -> None:
-    for first in range(0, n, FILL_BATCH):
-        pipe = client.pipeline(transaction=False)
-        for i in range(first, min(n, first + FILL_BATCH)):
-            pipe.lpush(BARE_QUEUE, json.dumps({"id": str(uuid.uuid4()), "task": "noop", "args": [i]}))
-        pipe.execute()
-
-
 def bare_drainer(url: str) -> None:
     """The peers' bare worker: RPOP up to 100, json.loads, run (one INCR)."""
     client, counter = redis.Redis.from_url(url), redis.Redis.from_url(url)
@@ -150,7 +140,7 @@ def timed(
 
 def drain_bare(client: redis.Redis, redis_pid: int, args: argparse.Namespace) -> Drain:
     client.flushdb()
-    fill_bare(client, args.n)
+    bare_bulk(client, args.n)  # queues the messages; its timing is not needed here
     argv = [sys.executable, __file__, "--bare-worker", "--redis", args.redis]
     workers = [start(argv, worker_env(args.redis, False)) for _ in range(runners_of(args))]
     try:
@@ -163,12 +153,9 @@ def drain_bare(client: redis.Redis, redis_pid: int, args: argparse.Namespace) ->
 
 
 def drain_celeriac(client: redis.Redis, redis_pid: int, args: argparse.Namespace) -> Drain:
-    from celeriac import group
-
     client.flushdb()
     app = load_app(args.redis, results=False)
-    for first in range(0, args.n, FILL_BATCH):
-        group(app.noop.s(i) for i in range(first, min(args.n, first + FILL_BATCH))).apply_async()
+    celeriac_bulk(app, args.n)  # queues the tasks; its timing is not needed here
     app.app.close()
     argv = [sys.executable, "-m", "celeriac", "-A", "redis_app", "worker", "--loglevel", "WARNING"]
     argv += ["--prefetch-multiplier", "64", "--pool", args.pool, "--concurrency", str(args.concurrency)]
