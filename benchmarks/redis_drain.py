@@ -8,8 +8,9 @@ Each run queues `--n` tasks, starts a worker on them and times the drain between
 alternate between celeriac (`-A redis_app worker --pool ... --prefetch-multiplier 64`;
 `noop` makes one INCR) and the bare loop of the peers' `bare` system (RPOP of 100, json.loads,
 the same INCR) in as many processes as the celeriac pool runs tasks in. Per run it prints the
-rate, the CPU per task of the worker's processes and of redis-server (read from /proc, so
-Redis must run on this machine), and how many cores both kept busy.
+rate, the CPU per task of the worker's processes and of redis-server, in all and split into
+user and system time (read from /proc, so Redis must run on this machine), and how many cores
+both kept busy.
 
 On a small virtual machine the scheduler's placement of the worker processes moves a
 2-process drain by a third from run to run, for both systems. `--pin` gives each task-running
@@ -37,21 +38,40 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
+class Cpu:
+    """User and system CPU seconds."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.user - other.user, self.system - other.system)
+
+    def per_task(self, tasks: int) -> str:
+        micros = [cpu / tasks * 1e6 for cpu in (self.total, self.user, self.system)]
+        return "{:5.1f} us/task ({:4.1f} user, {:4.1f} sys)".format(*micros)
+
+
+@dataclass(frozen=True)
 class Drain:
-    """One drain: tasks timed, seconds, and CPU seconds of the worker and of Redis meanwhile."""
+    """One drain: tasks timed, seconds, and CPU of the worker and of Redis meanwhile."""
 
     system: str
     tasks: int
     seconds: float
-    worker_cpu: float
-    redis_cpu: float
+    worker_cpu: Cpu
+    redis_cpu: Cpu
 
     def line(self) -> str:
-        busy = (self.worker_cpu + self.redis_cpu) / self.seconds
-        worker, server = (cpu / self.tasks * 1e6 for cpu in (self.worker_cpu, self.redis_cpu))
+        busy = (self.worker_cpu.total + self.redis_cpu.total) / self.seconds
         return (
-            f"{self.system:>8}: {self.tasks / self.seconds:9,.0f}/s  worker {worker:5.1f} us/task"
-            f"  redis {server:5.1f} us/task  cores busy {busy:.2f}"
+            f"{self.system:>8}: {self.tasks / self.seconds:9,.0f}/s"
+            f"  worker {self.worker_cpu.per_task(self.tasks)}"
+            f"  redis {self.redis_cpu.per_task(self.tasks)}  cores busy {busy:.2f}"
         )
 
 
@@ -72,10 +92,11 @@ def _session(sid: int) -> Iterator[tuple[int, list[str]]]:
             yield int(entry.name), fields
 
 
-def cpu_seconds(sessions: Sequence[int]) -> float:
+def cpu_seconds(sessions: Sequence[int]) -> Cpu:
     """User and system CPU time of every process in `sessions`."""
-    ticks = sum(int(fields[11]) + int(fields[12]) for sid in sessions for _, fields in _session(sid))
-    return ticks / _TICKS
+    stats = [fields for sid in sessions for _, fields in _session(sid)]
+    user, system = (sum(int(fields[at]) for fields in stats) / _TICKS for at in (11, 12))
+    return Cpu(user, system)
 
 
 def pin(runners: Sequence[int]) -> None:
