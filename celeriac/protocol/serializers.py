@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import pickle
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -38,7 +38,8 @@ def _json_default(obj: Any) -> Any:
         return _tagged("date", obj.isoformat())
     if isinstance(obj, time):
         return _tagged("time", obj.isoformat())
-    if isinstance(obj, Decimal):
+    decimal = sys.modules.get("decimal")  # imported late: unless it was, obj is no Decimal
+    if decimal is not None and isinstance(obj, decimal.Decimal):
         return _tagged("decimal", str(obj))
     if isinstance(obj, bytes | bytearray | memoryview):
         return _bytes_tag(bytes(obj))
@@ -120,11 +121,17 @@ def json_dumps_envelope(obj: Any) -> bytes:
     return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
 
 
+def _decimal(text: str) -> Any:
+    from decimal import Decimal  # at first use: a worker that never sees one is spared the module
+
+    return Decimal(text)
+
+
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "datetime": datetime.fromisoformat,
     "date": lambda v: datetime.fromisoformat(v).date(),
     "time": time.fromisoformat,
-    "decimal": Decimal,
+    "decimal": _decimal,
     "uuid": lambda v: uuid.UUID(hex=v["hex"]) if isinstance(v, dict) else uuid.UUID(v),
     "bytes": lambda v: v.encode("utf-8"),
     "base64": lambda v: base64.b64decode(v),

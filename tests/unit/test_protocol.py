@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import uuid
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -100,6 +102,28 @@ def test_tagged_values_nested_in_lists_dicts_and_tuples_come_back() -> None:
         "plain": [1, "two", None, True, 2.5],
     }
     assert isinstance(back["when"][1][1]["deep"][0], uuid.UUID)
+
+
+_WITHOUT_DECIMAL = """
+import sys
+import celeriac, celeriac.brokers.redis, celeriac.worker.pools.prefork, celeriac.cli.main
+assert "decimal" not in sys.modules, "a worker's modules import decimal"
+from celeriac.protocol import serializers
+text = b'{"__type__": "decimal", "__value__": "12.3400"}'
+value = serializers.json_loads(text)
+assert type(value).__name__ == "Decimal" and str(value) == "12.3400", value
+assert serializers.json_loads(serializers.json_dumps({"amount": value})) == {"amount": value}
+"""
+
+
+def test_a_worker_loads_decimal_only_when_a_message_holds_one() -> None:
+    # Given a fresh interpreter with the modules a Redis prefork worker loads (each process of
+    # a worker pays for every module it holds), when a decimal arrives and is sent back on
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_DECIMAL], capture_output=True, text=True, timeout=60
+    )
+    # Then none of those modules had imported decimal, and the value still round-trips
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_raw_json_uses_kombus_exact_tags() -> None:
