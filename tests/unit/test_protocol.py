@@ -118,7 +118,7 @@ assert serializers.json_loads(serializers.json_dumps({"amount": value})) == {"am
 
 def test_a_worker_loads_decimal_only_when_a_message_holds_one() -> None:
     # Given a fresh interpreter with the modules a Redis prefork worker loads (each process of
-    # a worker pays for every module it holds), when a decimal arrives and is sent back on
+    # a worker pays for every module it holds), when a decimal then arrives and is sent on
     done = subprocess.run(
         [sys.executable, "-c", _WITHOUT_DECIMAL], capture_output=True, text=True, timeout=60
     )
