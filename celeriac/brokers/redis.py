@@ -363,18 +363,24 @@ class RedisBroker(Broker):
         script = self._script().fetch
         commands = _evalsha(script.sha, keys, [consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH])
         commands += packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
-        renewed, *moved = self._acks.call_many(self._client(), commands, 1 + count)
+        replies = self._acks.call_many(self._client(), commands, 1 + count)
+        renewed = replies[0]
         if isinstance(renewed, redis.exceptions.NoScriptError):  # a restart or SCRIPT FLUSH
             self._client().script_load(script.script)
             renewed = None  # the lease lasts; the next fetch runs the whole script and renews it
-        payloads = [payload for payload in moved if isinstance(payload, bytes)]
-        refused = next((reply for reply in (renewed, *moved) if isinstance(reply, Exception)), None)
-        clean = renewed is not None and refused is None
-        self._deep = queue if clean and len(payloads) == count else None
+        prefix, tags = tag_prefix(consumer_id, 0), self._tags
+        found = [
+            Delivery(f"{prefix}{next(tags)}", queue, payload, attempts(payload))
+            for payload in itertools.islice(replies, 1, None)
+            if type(payload) is bytes  # hiredis gives bytes; None once the list is empty
+        ]
+        refused = renewed if isinstance(renewed, Exception) else None
+        if len(found) < count and refused is None:  # only then can an LMOVE have been refused
+            refused = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        self._deep = queue if renewed is not None and refused is None and len(found) == count else None
         if refused is not None:
-            _refused(refused, queue, leased=bool(payloads))
-        prefix = tag_prefix(consumer_id, 0)
-        return [self._delivery(prefix, queue, payload) for payload in payloads]
+            _refused(refused, queue, leased=bool(found))
+        return found
 
     def _run_fetch(self, keys: list[str], args: list[Arg]) -> Any:
         """Run the fetch script once, never retried (a replayed fetch would lease twice).

@@ -224,7 +224,7 @@ def consumer_of(tag: str) -> str:
 
 def attempts(payload: bytes) -> int:
     """Return how often a payload has been delivered: its redelivery count plus one."""
-    if REDELIVERIES_MARK not in payload:
+    if payload.find(REDELIVERIES_MARK) < 0:  # find: `in` takes a slower path for bytes
         return 1
     try:
         headers = orjson.loads(payload).get("headers") or {}

@@ -27,7 +27,7 @@ from celeriac import redis_deferred
 from celeriac.brokers import redis_ledger
 from celeriac.brokers.base import Delivery, Outgoing
 from celeriac.brokers.redis import RedisBroker, sentinel_hosts
-from celeriac.exceptions import ImproperlyConfigured, OperationalError
+from celeriac.exceptions import BrokerError, ImproperlyConfigured, OperationalError
 from celeriac.protocol.message import Envelope, pack, unpack
 from celeriac.redis_spare import packed
 from tests.conftest import closing_factory, free_port, redis_answers
@@ -629,6 +629,23 @@ def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_t
     assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(6)]
     assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m%d" % index for index in range(6)]
     assert raw.script_exists(broker._script().fetch.sha) == [True]
+
+
+def test_a_busy_fetch_whose_moves_are_all_refused_raises_and_leaves_the_queue_as_it_was(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a deep queue, a first fetch that emptied nothing, and its in-flight key then made a string
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(6)])
+    first = broker.fetch([QUEUE], 2, timeout=1)
+    broker.ack(first)
+    raw.delete(inflight(broker))
+    raw.set(inflight(broker), "not a list")
+
+    # When it fetches again without waiting, then Redis refuses every LMOVE
+    # Then the refusal is raised, and the queue still holds the rest in order
+    with pytest.raises(BrokerError, match="WRONGTYPE"):
+        broker.fetch([QUEUE], 2, timeout=0)
+    assert raw.lrange(QUEUE, 0, -1) == [b"m%d" % index for index in reversed(range(2, 6))]
 
 
 def test_commands_called_together_each_get_their_reply_and_a_refusal_stops_none(

@@ -16,7 +16,15 @@ import pytest
 from celeriac.exceptions import ContentDisallowed, ProtocolError, SecurityError, TimeLimitExceeded
 from celeriac.protocol import serializers
 from celeriac.protocol.failures import decode_exception, encode_exception
-from celeriac.protocol.message import Envelope, TaskMessage, decode_task, encode_task, pack, unpack
+from celeriac.protocol.message import (
+    Envelope,
+    TaskMessage,
+    decode_task,
+    encode_task,
+    pack,
+    read_task,
+    unpack,
+)
 
 JSON_ONLY = frozenset({serializers.JSON_TYPE})
 JSON = serializers.by_name("json")
@@ -417,6 +425,78 @@ def test_a_null_embed_becomes_an_empty_mapping() -> None:
     # When it is decoded
     # Then embed is empty, not None
     assert dict(decode_task(envelope, JSON_ONLY).embed) == {}
+
+
+def _outcome(read: Any) -> Any:
+    """What reading gives: the message's fields, or the error's type and words."""
+    try:
+        message = read()
+    except (ProtocolError, ContentDisallowed) as exc:
+        return type(exc), str(exc)
+    fields = (message.headers, message.args, message.kwargs, message.embed, message.properties)
+    return tuple(dict(field) if isinstance(field, dict) else list(field) for field in fields)
+
+
+_WHEN = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "properties", "accept"),
+    [
+        (b'[[1, "a"], {"k": 2}, {"callbacks": null, "chain": null}]', {}, {}, JSON_ONLY),
+        (serializers.json_dumps([[_WHEN, Decimal("1.5")], {"b": b"v"}, None]), {}, {}, JSON_ONLY),
+        (b"[[1], {}, null]", {"eta": _WHEN.isoformat(), "timelimit": [10, 5]}, {"priority": 3}, JSON_ONLY),
+        (b"[[1], {}, {}]", {}, {}, frozenset({serializers.PICKLE_TYPE})),
+        (b"[[1], {}]", {}, {}, JSON_ONLY),
+        (b"[[1], {}, [1]]", {}, {}, JSON_ONLY),
+        (b"[[1], [2], {}]", {}, {}, JSON_ONLY),
+        (b"{not json", {}, {}, JSON_ONLY),
+        (b"[[1], {}, {}]", {"retries": "many"}, {}, JSON_ONLY),
+        (b"[[1], {}, {}]", {"eta": "next tuesday"}, {}, JSON_ONLY),
+        (b"[[1], {}, {}]", {"task": None}, {"priority": "urgent"}, JSON_ONLY),
+    ],
+    ids=repr,
+)
+def test_read_task_gives_what_unpack_and_decode_give(
+    body: bytes, headers: dict[str, Any], properties: dict[str, Any], accept: frozenset[str]
+) -> None:
+    # Given a packed JSON message, well formed or not, and the content types a worker accepts
+    envelope = Envelope(body, serializers.JSON_TYPE, "utf-8", {"task": "t", "id": "i", **headers}, properties)
+    raw = pack(envelope, routing_key="celery")
+    # When the worker's one-pass reader reads it
+    # Then it gives the same message, or the same error in the same words, as the general way
+    assert _outcome(lambda: read_task(raw, accept)) == _outcome(lambda: decode_task(unpack(raw), accept))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"body": "[[1], {}, {}]", "headers": {"task": "t", "id": "i"}},  # inline text, no encoding
+        {"body": "W1sxXSx7fSx7fV0=", "headers": {"id": "i"}, "properties": {"body_encoding": "base64"}},
+        {"body": "***", "headers": {"task": "t", "id": "i"}, "properties": {"body_encoding": "base64"}},
+        {"body": "W1sxXSx7fSx7fV0=", "headers": ["task"], "properties": {}},
+        {"headers": {"task": "t", "id": "i"}, "properties": {"body_encoding": "base64"}},
+    ],
+    ids=repr,
+)
+def test_read_task_of_an_unusual_envelope_takes_the_general_way(document: dict[str, Any]) -> None:
+    # Given envelopes that are not the usual base64 JSON body, or are broken
+    raw = json.dumps(document).encode()
+    # When the worker's reader reads one
+    # Then the outcome is the general way's
+    assert _outcome(lambda: read_task(raw, JSON_ONLY)) == _outcome(
+        lambda: decode_task(unpack(raw), JSON_ONLY)
+    )
+
+
+def test_read_task_of_a_pickled_message_decodes_it_where_pickle_is_accepted() -> None:
+    # Given a message pickled by a producer
+    raw = pack(encode_task(_message(), PICKLE), routing_key="celery")
+    # When a worker reads it, refusing pickle and then accepting it
+    # Then it is refused with the setting named, and then read
+    with pytest.raises(ContentDisallowed, match="accept_content"):
+        read_task(raw, JSON_ONLY)
+    assert list(read_task(raw, serializers.content_types(["json", "pickle"])).args) == [2, 3]
 
 
 def test_header_accessors_read_celerys_conventions() -> None:
