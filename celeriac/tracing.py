@@ -103,6 +103,7 @@ class Tracer:
         self.task = task
         self.backend = backend if store else None
         self.hooks = _hooks_of(type(task))
+        self._body = self.hooks.body(task)
 
     def run(self, request: Request, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Outcome:
         """Run the task for `request` and return its outcome."""
@@ -111,7 +112,7 @@ class Tracer:
         try:
             if self.hooks.before_start:
                 self.task.before_start(request.id, args, kwargs)
-            value = self.hooks.body(self.task)(*args, **kwargs)
+            value = self._body(*args, **kwargs)
         except Retry as signal:
             return self._retried(request, signal, started)
         except Ignore:
@@ -140,16 +141,19 @@ class Tracer:
         )
 
     def _succeeded(self, request: Request, value: Any, started: float) -> Outcome:
-        try:
-            self._store(request, value, states.SUCCESS)
-        except ProtocolError as exc:
-            return self._failed(request, exc, started)
+        if self.backend is not None:  # checked here too: this runs once per task
+            try:
+                self._store(request, value, states.SUCCESS)
+            except ProtocolError as exc:
+                return self._failed(request, exc, started)
         if not request.is_eager and (request.callbacks or request.chain or request.chord):
             send_followups(self.task.app, request, value)
             complete_chord_part(self.task.app, request, states.SUCCESS, value)
-        if self.hooks.on_success:
+        hooks = self.hooks
+        if hooks.on_success:
             self.task.on_success(value, request.id, request.args, request.kwargs)
-        self._after(states.SUCCESS, value, request, None)
+        if hooks.after_return:
+            self._after(states.SUCCESS, value, request, None)
         return Outcome(states.SUCCESS, value, time.perf_counter() - started)
 
     def _failed(self, request: Request, exc: BaseException, started: float) -> Outcome:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from celeriac import states
 from celeriac.brokers.base import Broker, Delivery
 from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError, WorkerLostError
-from celeriac.protocol.message import TaskMessage, decode_task, unpack
+from celeriac.protocol.message import TaskMessage, read_task
 from celeriac.worker.execution import is_expired, revoke_expired, settle
 from celeriac.worker.jobs import Completion, Job
 from celeriac.worker.pools.base import Pool
@@ -92,16 +92,18 @@ class Consumer:
 
     def _receive(self, delivery: Delivery) -> None:
         message = self._decode(delivery)
-        if message is None or not self._vet(delivery, message):
+        if message is None:
             return
-        task = self.app.tasks[message.name]
+        task = self._vet(delivery, message)
+        if task is None:
+            return
         if logger.isEnabledFor(logging.INFO):  # the arguments cost more than the check
-            logger.info("Task %s[%s] received", message.name, message.id)
+            logger.info("Task %s[%s] received", task.name, message.id)
         self.reserved.append(self._job(delivery, message, task))
 
     def _decode(self, delivery: Delivery) -> TaskMessage | None:
         try:
-            return decode_task(unpack(delivery.payload), self.accept)
+            return read_task(delivery.payload, self.accept)
         except ContentDisallowed as exc:
             self.dead_letter(delivery, str(exc))
         except ProtocolError as exc:
@@ -111,21 +113,23 @@ class Consumer:
             self.dead_letter(delivery, f"undecodable message: {type(exc).__name__}: {exc}")
         return None
 
-    def _vet(self, delivery: Delivery, message: TaskMessage) -> bool:
-        if message.name not in self.app.tasks:
+    def _vet(self, delivery: Delivery, message: TaskMessage) -> Task[Any, Any] | None:
+        """The task to run `message` with, or None if the message is set aside or parked."""
+        task = self.app.tasks.get(message.name)
+        if task is None:
             self.dead_letter(delivery, f"NotRegistered: no task named {message.name!r} in this worker")
             self._store_failure(message, NotRegistered(message.name))
-            return False
+            return None
         if delivery.attempts > self.settings.max_deliveries:
             reason = f"delivered {delivery.attempts} times without completing (max_deliveries)"
             self.dead_letter(delivery, reason)
             self._store_failure(message, WorkerLostError(f"Task given up: {reason}"))
-            return False
+            return None
         eta = message.eta
         if eta is not None and eta.timestamp() > time.time() + 0.001:
             self.broker.release([delivery], eta=eta.timestamp())  # delayed work waits in the broker
-            return False
-        return True
+            return None
+        return task
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Set a message aside with `reason`; it is kept, never dropped."""
@@ -139,9 +143,9 @@ class Consumer:
 
     def _job(self, delivery: Delivery, message: TaskMessage, task: Task[Any, Any]) -> Job:
         self._next_key += 1
-        policy = self._policies.get(message.name)
+        policy = self._policies.get(task.name)
         if policy is None:
-            policy = self._policies[message.name] = Policy.of(self.app, task)
+            policy = self._policies[task.name] = Policy.of(self.app, task)
         return make_job(self._next_key, delivery, message, policy, self.settings.hostname)
 
     # running ---------------------------------------------------------------------------
@@ -222,6 +226,7 @@ class Consumer:
 class Policy:
     """A task's time limits and ack policy as this worker's settings resolve them."""
 
+    task: Task[Any, Any]
     soft_limit: float | None
     hard_limit: float | None
     acks_late: bool
@@ -232,6 +237,7 @@ class Policy:
         """Resolve `task`'s options against the app's defaults."""
         conf = app.conf
         return cls(
+            task=task,
             soft_limit=_first(task.soft_time_limit, conf.task_soft_time_limit),
             hard_limit=_first(task.time_limit, conf.task_time_limit),
             acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
@@ -246,15 +252,16 @@ class Policy:
 def make_job(key: int, delivery: Delivery, message: TaskMessage, policy: Policy, hostname: str) -> Job:
     """The job that runs `message`'s task; limits in the message override the task's."""
     hard, soft = message.timelimit
-    return Job(
-        key=key,
-        message=message,
-        delivery=delivery,
-        hostname=hostname,
-        soft_limit=float(soft) if soft else policy.soft_limit,
-        hard_limit=float(hard) if hard else policy.hard_limit,
-        acks_late=policy.acks_late,
-        ack_failures=policy.ack_failures,
+    return Job(  # by position, in `Job`'s order: once per message, and keywords cost more
+        key,
+        message,
+        delivery,
+        policy.task,
+        hostname,
+        float(soft) if soft else policy.soft_limit,
+        float(hard) if hard else policy.hard_limit,
+        policy.acks_late,
+        policy.ack_failures,
     )
 
 

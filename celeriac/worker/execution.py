@@ -111,9 +111,7 @@ def settle(broker: Broker, job: Job, completion: Completion) -> None:
 
 def execute(app: Celery, job: Job) -> Completion:
     """Run `job`, store its outcome and settle its message; never raises for a task's own failure."""
-    message = job.message
-    task = app.tasks[message.name]
-    broker = app.broker
+    message, task, broker = job.message, job.task, app.broker
     if is_expired(message):
         revoke_expired(app, message)
         broker.ack([job.delivery])
@@ -130,9 +128,10 @@ def _run(app: Celery, job: Job, task: Task[Any, Any]) -> Completion:
     message = job.message
     request = build_request(job, task)
     backend = app.backend
-    ignored = request.ignore_result or task.ignore_result  # as the Tracer decides; else STARTED sticks
-    if backend is not None and _tracks_started(app, task) and not ignored:
-        backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
+    if backend is not None and _tracks_started(app, task):
+        ignored = request.ignore_result or task.ignore_result  # as the Tracer decides; else STARTED sticks
+        if not ignored:
+            backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
     outcome = Tracer(task, backend).run(request, request.args, request.kwargs)
     quiet = outcome.state == states.SUCCESS and not logger.isEnabledFor(logging.INFO)
     return Completion(

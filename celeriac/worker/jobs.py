@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from celeriac.brokers.base import Delivery
 from celeriac.protocol.message import TaskMessage
+
+if TYPE_CHECKING:
+    from celeriac.task import Task
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs microseconds per task to build
@@ -19,6 +23,7 @@ class Job:
     key: int
     message: TaskMessage
     delivery: Delivery
+    task: Task[Any, Any]  # the registered task the message names
     hostname: str
     soft_limit: float | None
     hard_limit: float | None
