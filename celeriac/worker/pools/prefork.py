@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from celeriac.brokers.base import make_consumer_id
 from celeriac.exceptions import OperationalError
-from celeriac.protocol.message import decode_task, unpack
+from celeriac.protocol.message import read_task
 from celeriac.worker.consumer import Consumer, Policy, Settings, log_completion, make_job
 from celeriac.worker.execution import execute_safely, settle
 from celeriac.worker.jobs import Completion, Job
@@ -61,8 +61,7 @@ class _ChildPool(SoloPool):
         self.running_since: float | None = None  # read by the give-back thread
 
     def run(self, job: Job) -> Completion:
-        self._slot.begin(job.delivery, job.hard_limit)
-        self.running_since = time.monotonic()
+        self.running_since = self._slot.begin(job.delivery, job.hard_limit)
         try:
             if job.soft_limit is None:
                 return execute_safely(self.app, job)
@@ -210,7 +209,7 @@ class PreforkPool:
             logger.error("A child died running a message too large to record; it returns to its queue")
             return
         try:
-            message = decode_task(unpack(delivery.payload), self.app.accept_content)
+            message = read_task(delivery.payload, self.app.accept_content)
         except Exception:  # it decoded in the child; nothing more can be done here
             logger.exception("Could not read the message a dead child was running")
             return

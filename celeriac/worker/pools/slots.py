@@ -22,6 +22,7 @@ from celeriac.brokers.base import Delivery
 
 _HEADER = struct.Struct("<qddiiiq")
 _SEQ = struct.Struct("<q")
+_BODY = struct.Struct("<ddiiiq")  # the header after the sequence
 _IDLE = struct.Struct("<d")  # the start time, -1 between tasks
 CAPACITY = 1 << 20  # a payload that does not fit is not recorded; the parent then cannot settle it
 _TRIES = 100
@@ -42,33 +43,33 @@ class RunningSlot:
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, CAPACITY)  # anonymous and shared: a forked child writes the same pages
         self._seq = 0
+        self._names: dict[str, bytes] = {}  # queue names, encoded once
 
-    def begin(self, delivery: Delivery, hard_limit: float | None) -> None:
-        """Record that `delivery`'s task starts now (in the child)."""
-        tag, queue, payload = delivery.tag.encode(), delivery.queue.encode(), delivery.payload
-        if _HEADER.size + len(tag) + len(queue) + len(payload) > CAPACITY:
-            payload = b""
-            lengths = (len(tag), len(queue), -1)
-        else:
-            lengths = (len(tag), len(queue), len(payload))
-        seq = self._seq + 1
-        self._write_seq(seq)
-        _HEADER.pack_into(self._map, 0, seq, time.monotonic(), hard_limit or 0.0, *lengths, delivery.attempts)
-        at = _HEADER.size + len(tag) + len(queue)
-        self._map[_HEADER.size : at] = tag + queue
-        self._map[at : at + len(payload)] = payload
-        self._write_seq(seq + 1)
+    def begin(self, delivery: Delivery, hard_limit: float | None) -> float:
+        """Record that `delivery`'s task starts now (in the child); return now, in `time.monotonic()`."""
+        tag, payload = delivery.tag.encode(), delivery.payload
+        queue = self._names.get(delivery.queue)
+        if queue is None:
+            queue = self._names[delivery.queue] = delivery.queue.encode()
+        size = len(payload)
+        if _HEADER.size + len(tag) + len(queue) + size > CAPACITY:
+            payload, size = b"", -1
+        seq, started = self._seq + 1, time.monotonic()
+        fields = _BODY.pack(started, hard_limit or 0.0, len(tag), len(queue), size, delivery.attempts)
+        record = fields + tag + queue + payload
+        _SEQ.pack_into(self._map, 0, seq)  # odd: a reader retries until the record is whole
+        self._map[_SEQ.size : _SEQ.size + len(record)] = record
+        _SEQ.pack_into(self._map, 0, seq + 1)
+        self._seq = seq + 1
+        return started
 
     def end(self) -> None:
         """Record that the task ended (in the child)."""
         seq = self._seq + 1
-        self._write_seq(seq)
-        _IDLE.pack_into(self._map, _SEQ.size, -1.0)
-        self._write_seq(seq + 1)
-
-    def _write_seq(self, seq: int) -> None:
-        self._seq = seq
         _SEQ.pack_into(self._map, 0, seq)
+        _IDLE.pack_into(self._map, _SEQ.size, -1.0)
+        _SEQ.pack_into(self._map, 0, seq + 1)
+        self._seq = seq + 1
 
     def deadline(self) -> float | None:
         """The monotonic time at which the running task passes its hard limit, if any (in the parent)."""
