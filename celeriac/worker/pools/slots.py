@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 from celeriac.brokers.base import Delivery
 
-_HEADER = struct.Struct("<qddiiiq")
+_FIELDS = "ddiiiq"  # start time, hard limit, the three lengths, attempts
+_HEADER = struct.Struct("<q" + _FIELDS)
 _SEQ = struct.Struct("<q")
-_BODY = struct.Struct("<ddiiiq")  # the header after the sequence
+_BODY = struct.Struct("<" + _FIELDS)  # the header after the sequence, written with the strings
 _IDLE = struct.Struct("<d")  # the start time, -1 between tasks
 CAPACITY = 1 << 20  # a payload that does not fit is not recorded; the parent then cannot settle it
 _TRIES = 100
