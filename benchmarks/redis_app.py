@@ -5,7 +5,8 @@ Configured from the environment, as the peers benchmark configures its celeriac 
   CELERIAC_BENCH_RESULTS  "1": the Redis result backend on the same URL; otherwise
                           task_ignore_result=True and no result backend
 
-`noop` makes one INCR, as the peers benchmark's task does, so round trips compare like for like.
+`noop` makes one INCR, as the peers benchmark's task does, so round trips compare like for like;
+`idle` does nothing (for `child_path.py`).
 """
 
 from __future__ import annotations
@@ -40,4 +41,10 @@ def count_done() -> None:
 def noop(x: int) -> int:
     """Count one execution; return the argument."""
     count_done()
+    return x
+
+
+@app.task(name="idle")
+def idle(x: int) -> int:
+    """Return the argument and do nothing else: `child_path.py`'s task for the framework alone."""
     return x
