@@ -9,7 +9,9 @@ A group sends each member with the group's id and the member's index, in one bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac.protocol.message import new_id
@@ -203,6 +205,29 @@ def _call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Map
     return Call(name=name, args=args, kwargs=kwargs, **chosen)
 
 
+HOLD_COLLECTOR_FROM = 1000  # group members; below this the collector's passes cost little
+
+
+@contextlib.contextmanager
+def collector_held(members: int) -> Iterator[None]:
+    """Hold Python's cyclic garbage collector off while a large group is sent.
+
+    Sending builds a few objects per member, and they all live until the send ends, so the
+    collector would run many young passes and a full one or two over objects it cannot free:
+    about a sixth of a 20,000-member send. Reference counting frees everything as usual
+    meanwhile; only cycles wait until the send ends, and the collector runs as before after it.
+    Nothing is held when the collector is already off.
+    """
+    if members < HOLD_COLLECTOR_FROM or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _publish_all(app: Celery, calls: Sequence[Call]) -> None:
     tasks = app.tasks
     app.publish(app.prepare_many([(call, tasks.get(call.name)) for call in calls]))
@@ -290,15 +315,17 @@ class group:
             return GroupResult(group_id, [])
         app = self.tasks[0].app
         plain = not (args or kwargs or options)
-        calls = [
-            # What call_with gives for a member with no options of its own, made directly.
-            Call(member.task, member.args, member.kwargs, new_id(), group_id=group_id, group_index=index)
-            if plain and not member.options
-            else member.call_with(args, kwargs, {**options, "group_id": group_id, "group_index": index})
-            for index, member in enumerate(self.tasks)
-        ]
-        _publish_all(app, calls)
-        return GroupResult(group_id, [AsyncResult(str(call.task_id), app=app) for call in calls], app=app)
+        with collector_held(len(self.tasks)):
+            calls = [
+                # What call_with gives for a member with no options of its own, made directly.
+                Call(member.task, member.args, member.kwargs, new_id(), group_id=group_id, group_index=index)
+                if plain and not member.options
+                else member.call_with(args, kwargs, {**options, "group_id": group_id, "group_index": index})
+                for index, member in enumerate(self.tasks)
+            ]
+            _publish_all(app, calls)
+            results: list[AsyncResult[Any]] = [AsyncResult(str(call.task_id), app=app) for call in calls]
+        return GroupResult(group_id, results, app=app)
 
 
 def send_followups(app: Celery, request: Any, retval: Any) -> None:

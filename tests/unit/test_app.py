@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import pickle
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -583,6 +584,65 @@ def test_composed_messages_are_byte_for_byte_the_general_layout(
 def _untagged(payload: bytes) -> bytes:
     start = payload.index(b'"delivery_tag":"tag-') + len(b'"delivery_tag":"tag-')
     return payload[:start] + payload[payload.index(b'"', start) :]
+
+
+def _collections_during(send: Callable[[], object]) -> int:
+    """How many garbage collector passes ran while `send` ran."""
+    passes = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        send()
+    finally:
+        gc.callbacks.remove(count)
+    return len(passes)
+
+
+def test_a_large_group_is_sent_with_the_collector_held_off_and_turned_back_on(app: Celery) -> None:
+    # Given a task and two groups: one large enough to hold the collector, one below the mark
+    from celeriac import group
+    from celeriac.canvas import HOLD_COLLECTOR_FROM
+
+    @app.task
+    def add(x: int) -> int:
+        return x
+
+    large = group(add.s(i) for i in range(4 * HOLD_COLLECTOR_FROM))
+    small = group(add.s(i) for i in range(HOLD_COLLECTOR_FROM - 1))
+    assert gc.isenabled()
+
+    # When each is sent, twice
+    # Then the large group's send runs at most the one pass held back to its end, and the
+    # collector is on again after it
+    assert _collections_during(large.apply_async) <= 1
+    assert gc.isenabled()
+    # And the small groups, as many members in all, are sent with the collector at work
+    assert _collections_during(lambda: [small.apply_async() for _ in range(4)]) > 1
+    assert app.broker.purge("celery") == 4 * HOLD_COLLECTOR_FROM + 4 * (HOLD_COLLECTOR_FROM - 1)
+
+
+def test_a_large_group_leaves_a_collector_the_program_turned_off_as_it_was(app: Celery) -> None:
+    # Given a program that turned the collector off itself, and a large group
+    from celeriac import group
+    from celeriac.canvas import HOLD_COLLECTOR_FROM
+
+    @app.task
+    def add(x: int) -> int:
+        return x
+
+    sent = group(add.s(i) for i in range(HOLD_COLLECTOR_FROM))
+    gc.disable()
+    try:
+        # When the group is sent
+        sent.apply_async()
+        # Then the collector is still off
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_group_members_carry_the_group_id_their_index_and_their_own_ids(app: Celery) -> None:
