@@ -20,11 +20,10 @@ import argparse
 import json
 import os
 import threading
-import uuid
 from collections.abc import Callable
 
 import redis
-from redis_client import BARE_QUEUE, load_app
+from redis_client import BARE_QUEUE, bare_bulk, load_app
 
 from celeriac import group
 from celeriac.worker.consumer import Consumer, Settings
@@ -67,10 +66,7 @@ def bare_drain(url: str, tasks: int, incr: bool) -> str:
     """Queue `tasks` bare messages and drain them as the peers' bare worker does."""
     client = redis.Redis.from_url(url)
     client.flushdb()
-    pipe = client.pipeline(transaction=False)
-    for index in range(tasks):
-        pipe.lpush(BARE_QUEUE, json.dumps({"id": str(uuid.uuid4()), "task": "noop", "args": [index]}))
-    pipe.execute()
+    bare_bulk(client, tasks)  # queues the messages; its timing is not needed here
     counter = redis.Redis.from_url(url)
 
     def noop(x: int) -> int:

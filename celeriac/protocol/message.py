@@ -170,13 +170,18 @@ def decode_task(envelope: Envelope, accept: frozenset[str]) -> TaskMessage:
     if "task" not in headers or "id" not in headers:
         raise ProtocolError("not a protocol v2 task message: headers lack 'task' or 'id'")
     body = serializers.loads(envelope.body, envelope.content_type, accept)
+    return _task_of(headers, body, envelope.properties)
+
+
+def _task_of(headers: Mapping[str, Any], body: Any, properties: Mapping[str, Any]) -> TaskMessage:
+    """The task message of v2 headers and a decoded body; raise `ProtocolError` if it is malformed."""
     if not isinstance(body, _SEQUENCES) or len(body) != 3:
         raise ProtocolError("task body is not [args, kwargs, embed]")
     args, kwargs, embed = body
     embed = embed or {}
     if not isinstance(args, _SEQUENCES) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
         raise ProtocolError("task body args must be a list, kwargs an object and embed an object or null")
-    message = TaskMessage(headers, args, kwargs, embed, envelope.properties)
+    message = TaskMessage(headers, args, kwargs, embed, properties)
     _check_headers(message)
     return message
 
@@ -350,7 +355,7 @@ def _parsed(raw: bytes | str) -> Any:
 
 
 def _json_task(document: Any, accept: frozenset[str]) -> TaskMessage | None:
-    """The task message of a well-formed envelope with a base64 JSON body; None for any other."""
+    """The task message of an envelope with a base64 JSON body; None for any other envelope."""
     if type(document) is not dict or document.get("content-type") != serializers.JSON_TYPE:
         return None
     headers, properties = document.get("headers"), document.get("properties")
@@ -361,15 +366,8 @@ def _json_task(document: Any, accept: frozenset[str]) -> TaskMessage | None:
     try:
         body = serializers.json_loads(binascii.a2b_base64(document["body"], strict_mode=True))
     except (KeyError, ValueError, TypeError, ProtocolError):
-        return None
-    if type(body) is not list or len(body) != 3:
-        return None
-    args, kwargs, embed = body
-    if type(args) is not list or type(kwargs) is not dict or (embed is not None and type(embed) is not dict):
-        return None
-    message = TaskMessage(headers, args, kwargs, embed or {}, properties)
-    _check_headers(message)
-    return message
+        return None  # the general way reads it again and words the error
+    return _task_of(headers, body, properties)
 
 
 def _envelope(document: Any) -> Envelope:
