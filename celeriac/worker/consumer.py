@@ -21,7 +21,7 @@ from celeriac.brokers.base import Broker, Delivery
 from celeriac.exceptions import ContentDisallowed, NotRegistered, ProtocolError, WorkerLostError
 from celeriac.protocol.message import TaskMessage, read_task
 from celeriac.worker.execution import is_expired, revoke_expired, settle
-from celeriac.worker.jobs import Completion, Job
+from celeriac.worker.jobs import Completion, Job, Policy, make_job
 from celeriac.worker.pools.base import Pool
 
 if TYPE_CHECKING:
@@ -220,56 +220,6 @@ class Consumer:
         self.active.clear()
         if deliveries:
             self.broker.release(deliveries)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """A task's time limits and ack policy as this worker's settings resolve them."""
-
-    task: Task[Any, Any]
-    soft_limit: float | None
-    hard_limit: float | None
-    acks_late: bool
-    ack_failures: bool
-
-    @classmethod
-    def of(cls, app: Celery, task: Task[Any, Any]) -> Policy:
-        """Resolve `task`'s options against the app's defaults."""
-        conf = app.conf
-        return cls(
-            task=task,
-            soft_limit=_first(task.soft_time_limit, conf.task_soft_time_limit),
-            hard_limit=_first(task.time_limit, conf.task_time_limit),
-            acks_late=bool(task.acks_late if task.acks_late is not None else conf.task_acks_late),
-            ack_failures=bool(
-                conf.task_acks_on_failure_or_timeout
-                if task.acks_on_failure_or_timeout is None
-                else task.acks_on_failure_or_timeout
-            ),
-        )
-
-
-def make_job(key: int, delivery: Delivery, message: TaskMessage, policy: Policy, hostname: str) -> Job:
-    """The job that runs `message`'s task; limits in the message override the task's."""
-    hard, soft = message.timelimit
-    return Job(  # by position, in `Job`'s order: once per message, and keywords cost more
-        key,
-        message,
-        delivery,
-        policy.task,
-        hostname,
-        float(soft) if soft else policy.soft_limit,
-        float(hard) if hard else policy.hard_limit,
-        policy.acks_late,
-        policy.ack_failures,
-    )
-
-
-def _first(*values: float | None) -> float | None:
-    for value in values:
-        if value:
-            return float(value)
-    return None
 
 
 def log_completion(message: TaskMessage, completion: Completion) -> None:

@@ -15,7 +15,7 @@ from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol.message import TaskMessage, short_repr
 from celeriac.request import Request
 from celeriac.tracing import Tracer
-from celeriac.worker.jobs import Completion, Job
+from celeriac.worker.jobs import Completion, Job, Policy
 
 if TYPE_CHECKING:
     from celeriac.app import Celery
@@ -101,7 +101,7 @@ def settle(broker: Broker, job: Job, completion: Completion) -> None:
     """Ack, requeue or dead-letter a finished job's message, as its ack policy says."""
     if completion.requeue:
         broker.release([job.delivery])
-    elif completion.state == states.FAILURE and job.acks_late and not job.ack_failures:
+    elif completion.state == states.FAILURE and job.policy.acks_late and not job.policy.ack_failures:
         reason = f"task failed: {completion.summary}"
         logger.error("Message from queue %r moved to the dead-letter queue: %s", job.delivery.queue, reason)
         broker.dead_letter(job.delivery, reason)
@@ -111,28 +111,25 @@ def settle(broker: Broker, job: Job, completion: Completion) -> None:
 
 def execute(app: Celery, job: Job) -> Completion:
     """Run `job`, store its outcome and settle its message; never raises for a task's own failure."""
-    message, task, broker = job.message, job.task, app.broker
+    message, policy, broker = job.message, job.policy, app.broker
     if is_expired(message):
         revoke_expired(app, message)
         broker.ack([job.delivery])
         return Completion(job.key, states.REVOKED, 0.0, "expired")
-    if not job.acks_late:
+    if not policy.acks_late:
         broker.ack([job.delivery])  # early ack: the message is gone before the task starts
-    completion = _run(app, job, task)
-    if job.acks_late:
+    completion = _run(job, policy)
+    if policy.acks_late:
         settle(broker, job, completion)
     return completion
 
 
-def _run(app: Celery, job: Job, task: Task[Any, Any]) -> Completion:
-    message = job.message
-    request = build_request(job, task)
-    backend = app.backend
-    if backend is not None and _tracks_started(app, task):
-        ignored = request.ignore_result or task.ignore_result  # as the Tracer decides; else STARTED sticks
-        if not ignored:
-            backend.store_result(message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
-    outcome = Tracer(task, backend).run(request, request.args, request.kwargs)
+def _run(job: Job, policy: Policy) -> Completion:
+    tracer = policy.tracer
+    request = build_request(job, policy.task)
+    if policy.track_started:
+        _store_started(tracer, job, request)
+    outcome = tracer.run(request, request.args, request.kwargs)
     quiet = outcome.state == states.SUCCESS and not logger.isEnabledFor(logging.INFO)
     return Completion(
         job.key,
@@ -144,8 +141,12 @@ def _run(app: Celery, job: Job, task: Task[Any, Any]) -> Completion:
     )
 
 
-def _tracks_started(app: Celery, task: Task[Any, Any]) -> bool:
-    return bool(task.track_started if task.track_started is not None else app.conf.task_track_started)
+def _store_started(tracer: Tracer, job: Job, request: Request) -> None:
+    """Store STARTED for `job`, unless its result is ignored (as the tracer decides; else STARTED sticks)."""
+    backend = tracer.backend
+    if backend is None or request.ignore_result or tracer.task.ignore_result:
+        return
+    backend.store_result(job.message.id, {"pid": os.getpid(), "hostname": job.hostname}, states.STARTED)
 
 
 def execute_safely(app: Celery, job: Job) -> Completion:

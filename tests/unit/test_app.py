@@ -681,8 +681,8 @@ def _received(app: Celery) -> tuple[Delivery, TaskMessage]:
 def test_the_workers_request_names_every_field_a_request_has() -> None:
     # Given a message of a task, as a worker receives it
     from celeriac.request import _FIELDS
-    from celeriac.worker.consumer import Policy, make_job
     from celeriac.worker.execution import build_request
+    from celeriac.worker.jobs import Policy, make_job
 
     app = Celery("fields", broker="memory://")
 
@@ -710,8 +710,8 @@ def test_the_workers_request_names_every_field_a_request_has() -> None:
 
 def test_a_workers_request_reads_its_seldom_used_fields_when_first_asked() -> None:
     # Given the request a worker builds for a message with headers a task rarely reads
-    from celeriac.worker.consumer import Policy, make_job
     from celeriac.worker.execution import build_request
+    from celeriac.worker.jobs import Policy, make_job
 
     app = Celery("lazy", broker="memory://")
 

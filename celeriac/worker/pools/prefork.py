@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 from celeriac.brokers.base import make_consumer_id
 from celeriac.exceptions import OperationalError
 from celeriac.protocol.message import read_task
-from celeriac.worker.consumer import Consumer, Policy, Settings, log_completion, make_job
+from celeriac.worker.consumer import Consumer, Settings, log_completion
 from celeriac.worker.execution import execute_safely, settle
-from celeriac.worker.jobs import Completion, Job
+from celeriac.worker.jobs import Completion, Job, Policy, make_job
 from celeriac.worker.pools.base import hard_limit_completion, lost_completion
 from celeriac.worker.pools.slots import Running, RunningSlot
 from celeriac.worker.pools.solo import SoloPool
@@ -232,8 +232,7 @@ class PreforkPool:
         code = child.process.exitcode
         detail = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         logger.error("Process running %s[%s] died (%s)", job.message.name, job.message.id, detail)
-        task = self.app.tasks.get(job.message.name)
-        requeue = bool(job.acks_late and task is not None and _reject_on_lost(self.app, task))
+        requeue = job.policy.acks_late and _reject_on_lost(self.app, job.task)
         return lost_completion(self.app, job, runtime, detail, requeue)
 
     def _reclaim(self, child: _Child) -> None:
