@@ -145,6 +145,10 @@ class RedisBroker(Broker):
         self._turn = itertools.count()  # rotates which queue a fetch takes from first
         self._wait_turn = itertools.count()  # and which queue's first list BLMOVE waits on
         self._deep: str | None = None  # a lone queue whose first list filled the last fetch
+        # How often a busy fetch also renews the lease and moves due delayed messages, as a
+        # waiting fetch looks at them every WAIT_SLICE; well inside any lease.
+        self.renew_every = min(WAIT_SLICE, self.lease_timeout / 4)
+        self._renewal_due = 0.0  # time.monotonic() from which the next busy fetch renews
 
     def _consumer_changed(self) -> None:
         # What this object handed out under the old id is that id's affair.
@@ -333,6 +337,7 @@ class RedisBroker(Broker):
         keys = self._fetch_script_keys(consumer_id, order)
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
         reply = self._run_fetch(keys, args)
+        self._renewal_due = time.monotonic() + self.renew_every
         # Everything from one queue's first list: most likely it holds more, for `_take_moving`.
         deep = self.moves_when_deep and len(order) == 1 and reply[:3] == [0, 0, limit]
         self._deep = order[0] if deep else None
@@ -351,27 +356,32 @@ class RedisBroker(Broker):
 
         Per message, a native LMOVE costs Redis about a quarter of what the fetch script does,
         whose Lua copies each payload three times. Nothing is more urgent than that list, so
-        skipping the others keeps the script's order. The script still runs first with a
-        limit of 0, to renew the lease and move due delayed messages; all of it goes out
-        behind the acks, as `_run_fetch` does. Each LMOVE is atomic on its own: a message is
-        always in the queue or in the in-flight list.
+        skipping the others keeps the script's order. Every `renew_every` seconds the script
+        also runs first, with a limit of 0, to renew the lease and move due delayed messages;
+        all of it goes out behind the acks, as `_run_fetch` does. Each LMOVE is atomic on its
+        own: a message is always in the queue or in the in-flight list.
         """
         consumer_id = self.consumer_id
         count = min(limit, MOST_MOVES)
         inflight = self.layout.inflight(consumer_id, queue)
-        keys = self._fetch_script_keys(consumer_id, (queue,))
+        commands = packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
+        renewing = time.monotonic() >= self._renewal_due
         script = self._script().fetch
-        commands = _evalsha(script.sha, keys, [consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH])
-        commands += packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
-        replies = self._acks.call_many(self._client(), commands, 1 + count)
-        renewed = replies[0]
+        if renewing:
+            keys = self._fetch_script_keys(consumer_id, (queue,))
+            args: list[Arg] = [consumer_id, self.lease_timeout, 0, MOVE_DUE_PER_FETCH]
+            commands = _evalsha(script.sha, keys, args) + commands
+        replies = self._acks.call_many(self._client(), commands, renewing + count)
+        renewed = replies[0] if renewing else []  # [] is what the script answers when all is well
         if isinstance(renewed, redis.exceptions.NoScriptError):  # a restart or SCRIPT FLUSH
             self._client().script_load(script.script)
             renewed = None  # the lease lasts; the next fetch runs the whole script and renews it
+        elif renewing:
+            self._renewal_due = time.monotonic() + self.renew_every
         prefix, tags = tag_prefix(consumer_id, 0), self._tags
         found = [
             Delivery(f"{prefix}{next(tags)}", queue, payload, attempts(payload))
-            for payload in itertools.islice(replies, 1, None)
+            for payload in itertools.islice(replies, int(renewing), None)
             if type(payload) is bytes  # hiredis gives bytes; None once the list is empty
         ]
         refused = renewed if isinstance(renewed, Exception) else None

@@ -582,10 +582,18 @@ def lmoves(raw: redis.Redis) -> int:
     return int(stats["calls"]) if stats else 0
 
 
+def script_calls(raw: redis.Redis) -> int:
+    """How many EVALSHAs the server has run (counted per command, not per database)."""
+    stats = raw.info("commandstats").get("cmdstat_evalsha")
+    return int(stats["calls"]) if stats else 0
+
+
 def test_busy_fetches_from_a_deep_queue_move_messages_one_by_one_in_order(
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
-    # Given a deep queue, a message parked until it is due and one less urgent message
+    # Given a consumer that renews on every busy fetch, a deep queue, a message parked until
+    # it is due and one less urgent message
+    broker.renew_every = 0.0
     broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(10)])
     broker.publish([Outgoing(QUEUE, task_envelope("later", priority=5), priority=5)])
     parked = task_envelope("parked")
@@ -617,6 +625,7 @@ def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_t
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
     # Given a consumer whose last fetch emptied nothing, and a server that then lost its scripts
+    broker.renew_every = 0.0  # each busy fetch runs the script
     broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(6)])
     first = broker.fetch([QUEUE], 2, timeout=1)
     raw.script_flush()
@@ -629,6 +638,38 @@ def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_t
     assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(6)]
     assert sorted(raw.lrange(inflight(broker), 0, -1)) == [b"m%d" % index for index in range(6)]
     assert raw.script_exists(broker._script().fetch.sha) == [True]
+
+
+def test_busy_fetches_renew_the_lease_once_per_interval_not_once_per_fetch(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a deep queue, a consumer whose first fetch renewed its lease, and a message
+    # parked until it is due
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(12)])
+    first = broker.fetch([QUEUE], 3, timeout=1)
+    parked = task_envelope("parked")
+    raw.zadd("celeriac.delayed.celery", {parked: time.time() - 1})
+    broker.renew_every = 3600.0
+    broker._renewal_due = time.monotonic() + 3600.0
+
+    # When it fetches twice more without waiting, inside its renewal interval
+    calls = script_calls(raw)
+    second = broker.fetch([QUEUE], 3, timeout=0)
+    third = broker.fetch([QUEUE], 3, timeout=0)
+
+    # Then those fetches only moved messages: no script ran, and the parked message waits
+    assert script_calls(raw) == calls
+    assert [d.payload for d in first + second + third] == [b"m%d" % index for index in range(9)]
+    assert raw.zcard("celeriac.delayed.celery") == 1
+
+    # And once the interval has passed, the next busy fetch renews and moves the due message
+    lease = raw.zscore("celeriac.consumers", broker.consumer_id)
+    broker._renewal_due = 0.0
+    fourth = broker.fetch([QUEUE], 3, timeout=0)
+    assert script_calls(raw) == calls + 1
+    assert [d.payload for d in fourth] == [b"m9", b"m10", b"m11"]
+    assert raw.zscore("celeriac.consumers", broker.consumer_id) > lease
+    assert raw.lrange(QUEUE, 0, -1) == [parked]
 
 
 def test_a_busy_fetch_whose_moves_are_all_refused_raises_and_leaves_the_queue_as_it_was(
