@@ -148,7 +148,7 @@ class RedisBroker(Broker):
         # How often a busy fetch also renews the lease and moves due delayed messages, as a
         # waiting fetch looks at them every WAIT_SLICE; well inside any lease.
         self.renew_every = min(WAIT_SLICE, self.lease_timeout / 4)
-        self._renewal_due = 0.0  # time.monotonic() from which the next busy fetch renews
+        self._renewed_at = -float("inf")  # time.monotonic() of the last fetch that renewed
 
     def _consumer_changed(self) -> None:
         # What this object handed out under the old id is that id's affair.
@@ -337,7 +337,7 @@ class RedisBroker(Broker):
         keys = self._fetch_script_keys(consumer_id, order)
         args: list[Arg] = [consumer_id, self.lease_timeout, limit, MOVE_DUE_PER_FETCH]
         reply = self._run_fetch(keys, args)
-        self._renewal_due = time.monotonic() + self.renew_every
+        self._renewed_at = time.monotonic()
         # Everything from one queue's first list: most likely it holds more, for `_take_moving`.
         deep = self.moves_when_deep and len(order) == 1 and reply[:3] == [0, 0, limit]
         self._deep = order[0] if deep else None
@@ -365,7 +365,7 @@ class RedisBroker(Broker):
         count = min(limit, MOST_MOVES)
         inflight = self.layout.inflight(consumer_id, queue)
         commands = packed(("LMOVE", self.layout.list_key(queue, 0), inflight, "RIGHT", "LEFT")) * count
-        renewing = time.monotonic() >= self._renewal_due
+        renewing = time.monotonic() - self._renewed_at >= self.renew_every
         script = self._script().fetch
         if renewing:
             keys = self._fetch_script_keys(consumer_id, (queue,))
@@ -377,7 +377,7 @@ class RedisBroker(Broker):
             self._client().script_load(script.script)
             renewed = None  # the lease lasts; the next fetch runs the whole script and renews it
         elif renewing:
-            self._renewal_due = time.monotonic() + self.renew_every
+            self._renewed_at = time.monotonic()
         prefix, tags = tag_prefix(consumer_id, 0), self._tags
         found = [
             Delivery(f"{prefix}{next(tags)}", queue, payload, attempts(payload))

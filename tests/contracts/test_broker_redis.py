@@ -643,14 +643,13 @@ def test_a_busy_fetch_after_the_server_lost_its_scripts_still_leases_and_loads_t
 def test_busy_fetches_renew_the_lease_once_per_interval_not_once_per_fetch(
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
-    # Given a deep queue, a consumer whose first fetch renewed its lease, and a message
-    # parked until it is due
+    # Given a deep queue, a consumer that renews hourly and whose first fetch renewed its
+    # lease, and a message parked until it is due
+    broker.renew_every = 3600.0
     broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(12)])
     first = broker.fetch([QUEUE], 3, timeout=1)
     parked = task_envelope("parked")
     raw.zadd("celeriac.delayed.celery", {parked: time.time() - 1})
-    broker.renew_every = 3600.0
-    broker._renewal_due = time.monotonic() + 3600.0
 
     # When it fetches twice more without waiting, inside its renewal interval
     calls = script_calls(raw)
@@ -664,7 +663,7 @@ def test_busy_fetches_renew_the_lease_once_per_interval_not_once_per_fetch(
 
     # And once the interval has passed, the next busy fetch renews and moves the due message
     lease = raw.zscore("celeriac.consumers", broker.consumer_id)
-    broker._renewal_due = 0.0
+    broker.renew_every = 0.0
     fourth = broker.fetch([QUEUE], 3, timeout=0)
     assert script_calls(raw) == calls + 1
     assert [d.payload for d in fourth] == [b"m9", b"m10", b"m11"]
