@@ -1,7 +1,7 @@
 """The peers benchmark's drain, on the local Redis, with the CPU each task costs worker and Redis.
 
   .venv/bin/python benchmarks/redis_drain.py [--redis redis://127.0.0.1:6379/13] [--n 60000]
-      [--pool prefork] [--concurrency 2] [--repeat 3] [--pin] [--timeout 120]
+      [--pool prefork|solo|threads] [--concurrency 2] [--repeat 3] [--pin] [--timeout 120]
 
 Each run queues `--n` tasks, starts a worker on them and times the drain between the
 `--skip`-th task (start-up excluded) and the last, as ../shared/bench/peers does. Runs
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     parser.add_argument("--n", type=int, default=60_000)
     parser.add_argument("--skip", type=int, default=1_000, help="tasks left out of the timing (start-up)")
-    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pin", action="store_true", help="one CPU per task-running process")
