@@ -148,11 +148,12 @@ class RedisBroker(Broker):
         # How often a busy fetch also renews the lease and moves due delayed messages, as a
         # waiting fetch looks at them every WAIT_SLICE; well inside any lease.
         self.renew_every = min(WAIT_SLICE, self.lease_timeout / 4)
-        self._renewed_at = -float("inf")  # time.monotonic() of the last fetch that renewed
 
     def _consumer_changed(self) -> None:
-        # What this object handed out under the old id is that id's affair.
+        # What this object handed out under the old id is that id's affair, and the new id
+        # holds no lease until a fetch renews it: the next one does.
         self._ledger = Ledger(self.consumer_id, self.lease_timeout)
+        self._renewed_at = -float("inf")  # time.monotonic() of the last fetch that renewed
 
     # connections -----------------------------------------------------------------------
 

@@ -671,6 +671,24 @@ def test_busy_fetches_renew_the_lease_once_per_interval_not_once_per_fetch(
     assert raw.lrange(QUEUE, 0, -1) == [parked]
 
 
+def test_a_busy_fetch_under_a_newly_assigned_consumer_id_registers_its_lease_first(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    # Given a consumer that renews hourly, whose first fetch from a deep queue renewed its lease
+    broker.renew_every = 3600.0
+    broker.publish([Outgoing(QUEUE, b"m%d" % index) for index in range(6)])
+    broker.fetch([QUEUE], 2, timeout=1)
+
+    # When it is given another consumer id (as a prefork child is) and fetches without waiting
+    broker.consumer_id = "assigned-id"
+    [third, fourth] = broker.fetch([QUEUE], 2, timeout=0)
+
+    # Then the new id holds a lease before its in-flight list holds anything, so a heartbeat
+    # that outlives this process would find and return those messages
+    assert raw.zscore("celeriac.consumers", "assigned-id") is not None
+    assert raw.lrange("celeriac.inflight.assigned-id", 0, -1) == [fourth.payload, third.payload]
+
+
 def test_a_busy_fetch_whose_moves_are_all_refused_raises_and_leaves_the_queue_as_it_was(
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
