@@ -198,10 +198,14 @@ class Consumer:
     def release_reserved(self) -> int:
         """Give prefetched, unstarted messages back to the queue unchanged; return how many.
 
+        Those the pool holds but has not started come back first (they were reserved first).
         They never ran, so they are not marked redelivered and do not count toward
         `worker_max_deliveries`.
         """
         deliveries = []
+        for job in self.pool.withdraw():
+            self.active.pop(job.key, None)
+            deliveries.append(job.delivery)
         while True:  # popped one by one: a prefork child's give-back thread may race its main thread
             try:
                 deliveries.append(self.reserved.popleft().delivery)

@@ -108,7 +108,7 @@ class Worker:
             self._run_consumer(settings)
 
     def _run_consumer(self, settings: Settings) -> None:
-        pool = create_pool(self.pool_kind, self.app, self.concurrency)
+        pool = create_pool(self.pool_kind, self.app, self.concurrency, halt=self._warm)
         pool.start()
         consumer = Consumer(self.app, self.app.broker, pool, settings)
         self._started()

@@ -152,12 +152,16 @@ def test_a_task_counted_down_two_hours_stays_in_the_broker_across_a_worker_resta
     assert first.count(f"[{delayed.id}]") == 0
 
 
-def test_a_warm_shutdown_loses_nothing_and_runs_nothing_twice(make_project: ProjectFactory) -> None:
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_warm_shutdown_loses_nothing_and_runs_nothing_twice(
+    make_project: ProjectFactory, pool: str
+) -> None:
     # Given 200 quick tasks on a two-slot worker that prefetches, where tasks from number 50 on
-    # wait for a "go" file, so the shutdown surely comes mid-way
+    # wait for a "go" file, so the shutdown surely comes mid-way (the thread pool also holds
+    # jobs it has not started, beyond one per thread)
     project = make_project(TASKS)
     results = [project.module.batch.delay(index) for index in range(200)]
-    first = project.worker("--prefetch-multiplier", "4", concurrency=2)
+    first = project.worker("--prefetch-multiplier", "4", pool=pool, concurrency=2)
     wait_until(lambda: len(runs(project)) >= 52, 30, "the worker to reach the gated tasks")
     wait_until(lambda: first.count("received") > 52, 20, "the worker to prefetch past the gated tasks")
 
@@ -166,8 +170,8 @@ def test_a_warm_shutdown_loses_nothing_and_runs_nothing_twice(make_project: Proj
     first.wait_for("worker: Warm shutdown (MainProcess)")
     release(project, "go")
 
-    # Then it exits cleanly, having finished what it started and given back what its two
-    # children had prefetched (each child logs what it returns)
+    # Then it exits cleanly, having finished what it started and given back what it had
+    # prefetched (each prefork child logs what it returns)
     assert exits_within(first, 30) == 0
     first.wait_for(" stopped.")
     finished = first.count("succeeded")
@@ -181,13 +185,45 @@ def test_a_warm_shutdown_loses_nothing_and_runs_nothing_twice(make_project: Proj
     assert project.app.broker.size(QUEUE) == 200 - finished
 
     # And a second worker finishes the rest: every task succeeded, each exactly once
-    project.worker("--prefetch-multiplier", "4", concurrency=2)
+    project.worker("--prefetch-multiplier", "4", pool=pool, concurrency=2)
     assert [result.get(timeout=60) for result in results] == list(range(200))
     assert all(result.state == states.SUCCESS for result in results)
     counts = Counter(int(line) for line in runs(project))
     assert sorted(counts) == list(range(200))
     assert set(counts.values()) == {1}
     assert project.app.broker.size(QUEUE) == 0
+
+
+def test_a_cold_shutdown_gives_back_the_jobs_a_thread_pool_had_not_started(
+    make_project: ProjectFactory,
+) -> None:
+    # Given a one-thread worker whose thread runs a blocked task, with three more jobs taken
+    # from the broker and waiting in the pool behind it
+    project = make_project(TASKS)
+    worker = project.worker(pool="threads", concurrency=1)
+    project.module.early.delay("blocker")
+    wait_until(lambda: runs(project) == ["blocker"], 20, "the blocking task to start")
+    waiting = [project.module.quick.delay(f"waiting-{index}") for index in range(3)]
+    for result in waiting:
+        worker.wait_for(f"[{result.id}] received")
+
+    # When the worker gets SIGQUIT (a cold shutdown at once)
+    worker.signal(signal.SIGQUIT)
+    exits_within(worker, 10)
+
+    # Then the waiting jobs never ran, and their messages are back as they were fetched: not
+    # marked redelivered (the blocking task was acked when it started, so it is gone)
+    assert runs(project) == ["blocker"]
+    returned = project.app.broker.fetch([QUEUE], 10, timeout=5)
+    assert sorted(d.payload for d in returned) == sorted(d.payload for d in returned if not d.redelivered)
+    assert len(returned) == 3
+    project.app.broker.release(returned, redelivered=False)
+
+    # And a new worker runs each of them once
+    release(project)
+    project.worker(pool="threads", concurrency=1)
+    assert [result.get(timeout=20) for result in waiting] == [f"done waiting-{index}" for index in range(3)]
+    assert Counter(runs(project)) == Counter(["blocker", "waiting-0", "waiting-1", "waiting-2"])
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])

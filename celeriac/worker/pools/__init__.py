@@ -7,6 +7,7 @@ the worker's main process only supervises, so `create_pool` does not make it.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from celeriac.exceptions import ImproperlyConfigured
@@ -18,8 +19,11 @@ if TYPE_CHECKING:
 POOL_NAMES = ("prefork", "threads", "solo")
 
 
-def create_pool(kind: str, app: Celery, concurrency: int) -> Pool:
-    """Make the in-process pool called `kind` (threads or solo) with `concurrency` slots."""
+def create_pool(kind: str, app: Celery, concurrency: int, halt: threading.Event | None = None) -> Pool:
+    """Make the in-process pool called `kind` (threads or solo) with `concurrency` slots.
+
+    `halt` is the worker's warm stop: once it is set, the pool starts no job it holds queued.
+    """
     if kind == "solo":
         from celeriac.worker.pools.solo import SoloPool
 
@@ -27,7 +31,7 @@ def create_pool(kind: str, app: Celery, concurrency: int) -> Pool:
     if kind == "threads":
         from celeriac.worker.pools.threads import ThreadPool
 
-        return ThreadPool(app, concurrency)
+        return ThreadPool(app, concurrency, halt)
     raise ImproperlyConfigured(f"unknown pool {kind!r}; choose one of {', '.join(POOL_NAMES)}")
 
 

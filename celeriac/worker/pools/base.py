@@ -51,6 +51,10 @@ class Pool(ABC):
     def stop(self, *, cold: bool) -> None:
         """Stop: a warm stop lets running jobs finish first; a cold one abandons them."""
 
+    def withdraw(self) -> list[Job]:
+        """Take back submitted jobs that have not started, oldest first (their messages are not acked)."""
+        return []
+
     def inline_runner(self) -> Callable[[Job], Completion] | None:
         """What runs a job to its end in the calling thread, for pools that run jobs there."""
         return None
