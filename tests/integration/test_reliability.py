@@ -215,8 +215,7 @@ def test_a_cold_shutdown_gives_back_the_jobs_a_thread_pool_had_not_started(
     # marked redelivered (the blocking task was acked when it started, so it is gone)
     assert runs(project) == ["blocker"]
     returned = project.app.broker.fetch([QUEUE], 10, timeout=5)
-    assert sorted(d.payload for d in returned) == sorted(d.payload for d in returned if not d.redelivered)
-    assert len(returned) == 3
+    assert [delivery.redelivered for delivery in returned] == [False, False, False]
     project.app.broker.release(returned, redelivered=False)
 
     # And a new worker runs each of them once
