@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import redis
 from redis_client import BARE_QUEUE, bare_bulk, load_app
+from redis_drain import Cpu
 
 from celeriac import group
 from celeriac.worker.consumer import Consumer, Settings
@@ -38,8 +39,7 @@ def per_task(drain: Callable[[], None], tasks: int) -> str:
     before = os.times()
     drain()
     after = os.times()
-    user, system = ((b - a) / tasks * 1e6 for a, b in zip(before[:2], after[:2], strict=True))
-    return f"{user + system:5.1f} us/task ({user:4.1f} user, {system:4.1f} sys)"
+    return (Cpu(after.user, after.system) - Cpu(before.user, before.system)).per_task(tasks)
 
 
 def celeriac_drain(url: str, tasks: int, incr: bool) -> str:

@@ -42,7 +42,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import redis
@@ -379,12 +379,8 @@ class RedisBroker(Broker):
             renewed = None  # the lease lasts; the next fetch runs the whole script and renews it
         elif renewing:
             self._renewed_at = time.monotonic()
-        prefix, tags = tag_prefix(consumer_id, 0), self._tags
-        found = [
-            Delivery(f"{prefix}{next(tags)}", queue, payload, attempts(payload))
-            for payload in itertools.islice(replies, int(renewing), None)
-            if type(payload) is bytes  # hiredis gives bytes; None once the list is empty
-        ]
+        moved = itertools.islice(replies, int(renewing), None)  # payloads, or None once the list is empty
+        found = self._delivered(tag_prefix(consumer_id, 0), queue, moved)
         refused = renewed if isinstance(renewed, Exception) else None
         if len(found) < count and refused is None:  # only then can an LMOVE have been refused
             refused = next((reply for reply in replies if isinstance(reply, Exception)), None)
@@ -417,7 +413,7 @@ class RedisBroker(Broker):
         if landed is not None:
             # Handed over at once: an idle worker's next task should not wait another round
             # trip; the consumer's next fetch takes whatever else has arrived.
-            return [self._delivery(tag_prefix(consumer_id, 0), queue, bytes(landed))]
+            return self._delivered(tag_prefix(consumer_id, 0), queue, [bytes(landed)])
         return self._take(names, limit)
 
     def _queue_keys(self, order: tuple[str, ...]) -> list[str]:
@@ -434,14 +430,22 @@ class RedisBroker(Broker):
         while at < len(reply):
             queue, step, count = order[reply[at]], reply[at + 1], reply[at + 2]
             prefix = tag_prefix(consumer_id, step)
-            found.extend(self._delivery(prefix, queue, payload) for payload in reply[at + 3 : at + 3 + count])
+            found += self._delivered(prefix, queue, reply[at + 3 : at + 3 + count])
             at += 3 + count
         return found
 
-    def _delivery(self, prefix: str, queue: str, payload: bytes) -> Delivery:
-        # The tag names the in-flight list and the step the payload came from, so any
-        # process (a forked child with another consumer id) can ack or release it.
-        return Delivery(f"{prefix}{next(self._tags)}", queue, payload, attempts(payload))
+    def _delivered(self, prefix: str, queue: str, replies: Iterable[Any]) -> list[Delivery]:
+        """The deliveries of the payloads among `replies` (other replies are skipped), tagged in order.
+
+        The tag names the in-flight list and the step the payload came from, so any process
+        (a forked child with another consumer id) can ack or release it.
+        """
+        tags = self._tags
+        return [
+            Delivery(f"{prefix}{next(tags)}", queue, payload, attempts(payload))
+            for payload in replies
+            if type(payload) is bytes
+        ]
 
     def _declare(self, names: Sequence[str]) -> None:
         fresh = set(names) - self._declared
